@@ -1,0 +1,189 @@
+"""Everything about a recipe that can be wrong, found before any worker starts (no torch import).
+
+`check(recipe)` raises DevopsErrors listing every problem, and returns warnings plus the checkpoint a
+re-run resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from . import dataset_info
+from .errors import DevopsError, DevopsErrors
+from .recipe import LORA_KEYS, RESUMABLE_CHANGES, Recipe, read_resolved
+
+LORA_MODULES = {
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen": ("c_attn", "c_proj", "w1", "w2"),  # Qwen v1 (remote code)
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """Newest complete checkpoint-N (one whose trainer_state.json was written)."""
+    if not output_dir.is_dir():
+        return None
+    done = [p for p in output_dir.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(done, key=lambda p: int(p.name[11:]), default=None)
+
+
+def check(r: Recipe) -> tuple[list[str], Path | None]:
+    errors: list[DevopsError] = []
+    warnings: list[str] = []
+
+    def bad(key: str, message: str, hint: str | None = None):
+        errors.append(DevopsError(message, r.where(key), hint))
+
+    # --- numbers and combinations ----------------------------------------------------------------
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "max_source_length", "max_target_length", "logging_steps", "save_steps", "lora_rank",
+                "eval_steps", "max_samples", "save_total_limit", "nproc_per_node", "nnodes",
+                "preprocessing_num_workers"):  # fmt: skip
+        value = getattr(r, key)
+        if value is not None and value < 1:
+            bad(key, f"{key} must be >= 1, got {value}")
+    if r.learning_rate <= 0:
+        bad("learning_rate", f"learning_rate must be > 0, got {r.learning_rate}")
+    for key in ("warmup_ratio", "lora_dropout"):
+        if not 0 <= getattr(r, key) < 1:
+            bad(key, f"{key} must be in [0, 1), got {getattr(r, key)}")
+    if r.val_size < 0 or (r.val_size >= 1 and not float(r.val_size).is_integer()):
+        bad("val_size", f"val_size must be a ratio in (0, 1) or a whole count, got {r.val_size}")
+    if r.max_steps <= 0 and r.num_train_epochs <= 0:
+        bad("max_steps", "nothing to train: max_steps <= 0 and num_train_epochs <= 0", "set max_steps or num_train_epochs")
+    if r.bf16 and r.fp16:
+        bad("fp16", "bf16 and fp16 are both on", "choose one (bf16 for Qwen)")
+    if r.eval_steps and not r.val_size:
+        bad("eval_steps", "eval_steps is set but val_size is 0, so there is nothing to evaluate", "set val_size: 0.05")
+    if r.finetuning_type == "full":
+        for key in LORA_KEYS:
+            if key in r.origin:
+                bad(key, f"{key} is set but finetuning_type is full", "set finetuning_type: lora, or drop the key")
+    if r.node_rank is not None and r.nnodes is not None and r.node_rank >= r.nnodes:
+        bad("node_rank", f"node_rank {r.node_rank} must be below nnodes {r.nnodes}")
+    if r.master_port is not None and not 0 < r.master_port < 65536:
+        bad("master_port", f"master_port {r.master_port} is not a port number")
+
+    # --- model -----------------------------------------------------------------------------------
+    model_type = None
+    path = Path(r.model_name_or_path).expanduser()
+    if path.exists():
+        config = path / "config.json"
+        if not config.is_file():
+            bad("model_name_or_path", f"'{path}' has no config.json, so it is not a model directory")
+        else:
+            try:
+                model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+            except json.JSONDecodeError as e:
+                bad("model_name_or_path", f"{config}:{e.lineno}: invalid JSON in config.json")
+    elif HUB_ID.match(r.model_name_or_path):
+        warnings.append(f"model '{r.model_name_or_path}' is not a local directory: it will be fetched from the hub")
+    else:
+        hint = "build the tiny demo model with `devops-model tiny runs/tiny`" if "tiny" in str(path) else "check the path"
+        bad("model_name_or_path", f"model directory '{path}' does not exist", hint)
+    if r.finetuning_type == "lora" and r.lora_target != "all" and model_type in LORA_MODULES:
+        names = LORA_MODULES[model_type]
+        for name in (t.strip() for t in r.lora_target.split(",")):
+            if name not in names:
+                bad("lora_target", f"lora_target '{name}' is not a linear layer of a {model_type} model",
+                    f"use all, or some of {','.join(names)}")
+
+    # --- data ------------------------------------------------------------------------------------
+    if not r.datasets:
+        bad("dataset", "dataset is empty", "name at least one dataset from dataset_info.json")
+    for name in r.datasets:
+        try:
+            entry = dataset_info.resolve(name, r.dataset_dir, r.stage, r.where("dataset"))
+            dataset_info.check_columns(entry)
+            if msg := dataset_info.check_sha1(entry):
+                warnings.append(msg)
+        except DevopsError as e:
+            errors.append(e)
+
+    # --- DeepSpeed -------------------------------------------------------------------------------
+    if r.deepspeed:
+        errors += check_deepspeed(Path(r.deepspeed), r)
+
+    # --- output_dir ------------------------------------------------------------------------------
+    resume = None
+    try:
+        resume = check_output_dir(r)
+    except DevopsError as e:
+        errors.append(e)
+    if errors:
+        raise DevopsErrors(errors)
+    return warnings, resume
+
+
+def check_deepspeed(path: Path, r: Recipe) -> list[DevopsError]:
+    where = r.where("deepspeed")
+    if not path.is_file():
+        return [DevopsError(f"DeepSpeed config '{path}' not found", where, "see configs/deepspeed/")]
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return [DevopsError(f"invalid JSON: {e.msg}", f"{path}:{e.lineno}", "fix the syntax")]
+    return deepspeed_problems(config, str(path), r)
+
+
+def deepspeed_problems(config: dict, where: str, r: Recipe | None = None) -> list[DevopsError]:
+    """Problems DeepSpeed or the HF integration would only report inside the workers."""
+    out = []
+    if not isinstance(config, dict):
+        return [DevopsError("a DeepSpeed config must be a JSON object", where)]
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        out.append(DevopsError(f"zero_optimization.stage must be 0-3, got {stage!r}", where))
+    for key in ("bf16", "fp16"):
+        enabled = (config.get(key) or {}).get("enabled", "auto")
+        if enabled not in ("auto", True, False):
+            out.append(DevopsError(f"{key}.enabled must be true, false or \"auto\"", where))
+        elif r is not None and enabled != "auto" and enabled != getattr(r, key):
+            out.append(DevopsError(f"{key}.enabled is {str(enabled).lower()} in the DeepSpeed config but "
+                                   f"{key} is {str(getattr(r, key)).lower()} in the recipe", where,
+                                   f'set "{key}": {{"enabled": "auto"}} so the recipe decides'))
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = config.get(key, "auto")
+        if value != "auto" and not (isinstance(value, int) and value >= 1):
+            out.append(DevopsError(f"{key} must be \"auto\" or a positive integer, got {value!r}", where))
+    return out
+
+
+def check_output_dir(r: Recipe) -> Path | None:
+    """Decide what a run does with output_dir: start, resume, or refuse to touch another run."""
+    out = Path(r.output_dir)
+    where = r.where("output_dir")
+    if out.exists() and not out.is_dir():
+        raise DevopsError(f"output_dir '{out}' is a file", where)
+    if not out.is_dir() or not any(out.iterdir()) or r.overwrite_output_dir:
+        if r.resume_from_checkpoint not in (None, False, True):
+            return _explicit_checkpoint(r)
+        return None
+    saved = out / "recipe.yaml"
+    if not saved.is_file():
+        raise DevopsError(f"output_dir '{out}' is not empty and was not made by devops-model", where,
+                          "choose a new output_dir, or pass overwrite_output_dir=true to train into it anyway")
+    before = read_resolved(saved)
+    now = r.to_dict()
+    changed = [k for k in sorted(set(before) | set(now)) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
+        raise DevopsError(f"output_dir '{out}' holds another run ({diff})", where,
+                          "choose a new output_dir, or pass overwrite_output_dir=true to start afresh there")
+    if r.resume_from_checkpoint is False:
+        return None
+    if r.resume_from_checkpoint not in (None, True):
+        return _explicit_checkpoint(r)
+    return last_checkpoint(out)
+
+
+def _explicit_checkpoint(r: Recipe) -> Path:
+    path = Path(str(r.resume_from_checkpoint))
+    if not (path / "trainer_state.json").is_file():
+        raise DevopsError(f"resume_from_checkpoint '{path}' is not a complete checkpoint (no trainer_state.json)",
+                          r.where("resume_from_checkpoint"), "name a checkpoint-N directory, or true for the latest")
+    return path

@@ -1,0 +1,177 @@
+"""devops-model: the Typer app. Each command is a thin typed function; main() is the one error
+boundary (DevopsError -> one red line per problem, exit 2; DEVOPS_MODEL_DEBUG=1 -> traceback).
+
+Importing this module must not import torch: `devops-model --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .console import console, fail, info, warn
+from .errors import DevopsError
+
+app = typer.Typer(
+    name="devops-model",
+    help="Continue-pretrain and align Qwen-family models on DevOps data — real torchrun / DeepSpeed workers.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+RecipeArg = Annotated[Optional[Path], typer.Argument(help="YAML recipe (configs/*.yaml)", show_default=False)]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. learning_rate=1e-5",
+                                                          show_default=False)]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and torchrun argv; run nothing")]
+
+
+def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool) -> None:
+    from . import checks, launch, recipe
+
+    overrides = list(overrides or [])
+    if recipe_path is not None and "=" in str(recipe_path) and not recipe_path.exists():
+        overrides.insert(0, str(recipe_path))  # `devops-model sft key=value ...` with no file
+        recipe_path = None
+    r = recipe.load(recipe_path, overrides, stage=stage)
+    warnings, resume = checks.check(r)
+    for w in warnings:
+        warn(w)
+    plan = launch.plan(r)
+    out = Path(r.output_dir)
+    if resume is not None:
+        r.resume_from_checkpoint = str(resume)
+    argv = launch.torchrun_argv(plan, out / "recipe.yaml")
+    if dry_run:
+        console.print(recipe.dump(r), markup=False, end="")
+        console.print(f"# launch: {plan.describe()}", markup=False)
+        console.print(launch.display(argv), markup=False, soft_wrap=True)
+        return
+
+    out.mkdir(parents=True, exist_ok=True)
+    if r.overwrite_output_dir:
+        for old in out.glob("checkpoint-*"):
+            shutil.rmtree(old)
+    source = f"{recipe_path or 'command line'}" + (f" + {' '.join(overrides)}" if overrides else "")
+    (out / "recipe.yaml").write_text(recipe.dump(r, f"from {source}\n{launch.display(argv)}"), encoding="utf-8")
+    info(f"[bold]{stage}[/] → {out}  ({plan.describe()})")
+    if resume is not None:
+        info(f"resuming from {resume}")
+    launch.env_for_workers()
+    code = launch.run(argv, out / "logs")
+    if code == 0 and plan.node_rank == 0:
+        _summary(out)
+    if code:
+        raise typer.Exit(code)
+
+
+def _summary(out: Path) -> None:
+    import json
+
+    metrics_file = out / "metrics.json"
+    if not metrics_file.is_file():
+        return
+    m = json.loads(metrics_file.read_text())
+    parts = [f"{m.get('global_step')} steps", f"train loss {m.get('train_loss', float('nan')):.4f}"]
+    if "eval_loss" in m:
+        parts.append(f"eval loss {m['eval_loss']:.4f}")
+    parts.append(f"{m.get('train_tokens_per_second', 0):.0f} tokens/s")
+    console.print(f"[green]done[/]: {', '.join(parts)} → {out}  (metrics.json, logs/, runs/)")
+
+
+@app.command()
+def pt(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False) -> None:
+    """Continued pretraining on your DevOps corpus: [bold]devops-model pt configs/7b-pt.yaml key=value ...[/]"""
+    _train("pt", recipe, overrides, dry_run)
+
+
+@app.command()
+def sft(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False) -> None:
+    """Supervised fine-tuning (full or LoRA) on DevOps QA: [bold]devops-model sft configs/7b-sft.yaml[/]"""
+    _train("sft", recipe, overrides, dry_run)
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter directory (an sft output_dir)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="where the merged model goes")],
+    model: Annotated[Optional[str], typer.Option("--model", help="base model (default: the adapter's)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="write into a non-empty output dir")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """Merge a LoRA adapter into its base model: full weights loadable with from_pretrained."""
+    from .modeling import adapter_base, merge_adapter
+
+    base = model or adapter_base(adapter)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise DevopsError(f"'{output}' exists and is not empty", hint="choose another --output or pass --overwrite")
+    merge_adapter(adapter, output, base, trust_remote_code)
+    console.print(f"[green]merged[/] {adapter} into {base} → {output}")
+
+
+@app.command()
+def tiny(
+    output: Annotated[Path, typer.Argument(help="directory for the model")],
+    hidden_size: Annotated[int, typer.Option(help="hidden size (>= 128 for GPTQ group size 128)")] = 128,
+    layers: Annotated[int, typer.Option(help="transformer layers")] = 2,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size")] = 4096,
+    seed: Annotated[int, typer.Option(help="init seed")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty directory")] = False,
+) -> None:
+    """Build a tiny Qwen2 model + BPE tokenizer from the bundled corpus (smoke tests, demos)."""
+    from .tiny import build
+
+    out = build(output, hidden_size=hidden_size, num_layers=layers, vocab_size=vocab_size, seed=seed,
+                overwrite=overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    console.print(f"[green]tiny model[/] → {out} ({size:.1f} MB)")
+
+
+@app.command()
+def keys() -> None:
+    """List every recipe key with its default and meaning."""
+    from rich.table import Table
+
+    from .recipe import REQUIRED, schema
+
+    table = Table("key", "default", "meaning", box=None, header_style="bold")
+    for f in schema():
+        if f.name == "extra":
+            continue
+        default = "required" if f.default == REQUIRED else repr(f.default)
+        choices = f.metadata.get("choices")
+        table.add_row(f.name, default, f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else ""))
+    console.print(table)
+    console.print("Any other transformers.TrainingArguments field passes through, checked for type.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import click
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except click.exceptions.Abort:
+        fail("aborted")
+        code = 130
+    except DevopsError as e:
+        if os.environ.get("DEVOPS_MODEL_DEBUG"):
+            raise
+        for line in e.line().splitlines():
+            fail(line)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        fail("interrupted")
+        code = 130
+    sys.exit(code or 0)

@@ -1,0 +1,29 @@
+"""One rich Console for the whole tool, and rank-0 printing for workers."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def info(*args, **kwargs) -> None:
+    """Print on global rank 0 only (workers of a torchrun job all run the same code)."""
+    if is_rank0():
+        console.print(*args, **kwargs)
+
+
+def warn(message: str) -> None:
+    if is_rank0():
+        err_console.print(f"[yellow]warning:[/] {message}")
+
+
+def fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)

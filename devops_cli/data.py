@@ -1,0 +1,283 @@
+"""Datasets -> token blocks (pt) or masked conversations (sft).
+
+pt:  every document + EOS, concatenated, cut into max_source_length blocks; the tail that does not
+     fill a block is dropped (and reported). No padding, so every token of a block is trained.
+sft: each example becomes a conversation (system, user, assistant, user, assistant, ...), rendered
+     through the tokenizer's chat template one segment at a time: system/user segments are labelled
+     -100, every assistant answer (history included) and its end-of-turn token are trained.
+     Truncation keeps answers: a prompt longer than max_source_length loses the end of its user text
+     (the template around it stays), an answer is cut to max_target_length, and later turns that no
+     longer fit in max_source_length + max_target_length are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import dataset_info
+from .errors import DevopsError
+from .recipe import Recipe
+from .templates import DEFAULT_SYSTEM, END_OF_TURN
+
+IGNORE = -100
+
+
+@dataclass
+class DataReport:
+    examples: int = 0  # pt: documents; sft: conversations
+    tokens: int = 0  # pt: tokens of all documents (+EOS); sft: tokens of all kept examples
+    trained_tokens: int = 0  # tokens with a label
+    blocks: int = 0  # pt
+    dropped_tokens: int = 0  # pt: tail that did not fill a block
+    dropped_examples: int = 0  # sft: examples with no trained token left
+    truncated_examples: int = 0  # sft
+
+    def lines(self, stage: str) -> str:
+        if stage == "pt":
+            return (f"pt data: {self.examples} documents, {self.tokens} tokens -> {self.blocks} blocks; "
+                    f"{self.dropped_tokens} tail tokens dropped")
+        return (f"sft data: {self.examples} conversations kept, {self.trained_tokens}/{self.tokens} tokens "
+                f"trained; {self.truncated_examples} truncated, {self.dropped_examples} dropped (no answer token)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and standardising
+# ----------------------------------------------------------------------------------------------
+def load_raw(entry: dataset_info.DatasetEntry, max_samples: int | None):
+    import datasets
+
+    try:
+        if entry.files:
+            ds = datasets.load_dataset(entry.loader, data_files=[str(f) for f in entry.files], split="train")
+        else:
+            ds = datasets.load_dataset(entry.hub_id, entry.subset, split=entry.split)
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DevopsError(f"cannot load dataset '{entry.name}': {str(e).splitlines()[0]}", entry.where) from None
+    if max_samples:
+        ds = ds.select(range(min(max_samples, len(ds))))
+    return ds
+
+
+def _to_text(entry):
+    col = entry.columns["prompt"]
+
+    def fn(batch):
+        return {"text": [t if isinstance(t, str) else "" for t in batch[col]]}
+
+    return fn
+
+
+def _to_messages(entry, recipe: Recipe):
+    """Map an alpaca (prompt/query/response/history) or sharegpt (messages) record to messages."""
+    c, tags = entry.columns, entry.tags
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+
+    def one(record: dict, index: int) -> list[dict]:
+        if entry.formatting == "sharegpt":
+            messages = []
+            for m in record.get(c["messages"]) or []:
+                role = roles.get(m.get(tags["role_tag"]))
+                if role is None:
+                    raise DevopsError(f"record {index}: unknown role {m.get(tags['role_tag'])!r}", entry.where,
+                                      'set "tags" in dataset_info.json (role_tag, user_tag, assistant_tag)')
+                messages.append({"role": role, "content": m.get(tags["content_tag"]) or ""})
+            return messages
+        system = record.get(c["system"]) if c["system"] in record else None
+        messages = [{"role": "system", "content": system}] if system else []
+        for q, a in record.get(c["history"]) or []:
+            messages += [{"role": "user", "content": q or ""}, {"role": "assistant", "content": a or ""}]
+        prompt = record.get(c["prompt"]) or ""
+        query = record.get(c["query"]) or ""
+        user = f"{prompt}\n{query}" if prompt and query else prompt or query
+        return messages + [{"role": "user", "content": user},
+                           {"role": "assistant", "content": record.get(c["response"]) or ""}]
+
+    def fn(batch, indices):
+        keys = list(batch)
+        rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
+        return {"messages": [one(r, i) for r, i in zip(rows, indices)]}
+
+    return fn
+
+
+def load_all(recipe: Recipe, num_proc: int | None):
+    """Every dataset of the recipe, standardised to {text} (pt) or {messages} (sft), concatenated."""
+    import datasets
+
+    parts = []
+    for name in recipe.datasets:
+        entry = dataset_info.resolve(name, recipe.dataset_dir, recipe.stage, recipe.where("dataset"))
+        ds = load_raw(entry, recipe.max_samples)
+        if recipe.stage == "pt":
+            fn, kwargs = _to_text(entry), {}
+        else:
+            fn, kwargs = _to_messages(entry, recipe), {"with_indices": True}
+        parts.append(ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
+                            desc=f"reading {name}", **kwargs))
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# pt: pack documents into blocks
+# ----------------------------------------------------------------------------------------------
+def pack(raw, tokenizer, block_size: int, num_proc: int | None = None):
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DevopsError(f"tokenizer {tokenizer.name_or_path} has no eos_token", hint="set eos_token in tokenizer_config.json")
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [x + [eos] for x in ids], "length": [len(x) + 1 for x in ids]}
+
+    def group(batch):
+        flat = [t for ids in batch["input_ids"] for t in ids]
+        n = len(flat) // block_size * block_size
+        blocks = [flat[i : i + block_size] for i in range(0, n, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    tokenized = raw.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenizing")
+    # large map batches: the only tokens lost are the tail of each 10k-document batch
+    blocks = tokenized.map(group, batched=True, batch_size=10_000, remove_columns=["length"], num_proc=num_proc,
+                           desc="packing")
+    report = DataReport(examples=len(raw), tokens=sum(tokenized["length"]), blocks=len(blocks))
+    report.trained_tokens = report.blocks * block_size
+    report.dropped_tokens = report.tokens - report.trained_tokens
+    if report.blocks == 0:
+        raise DevopsError(f"the pt corpus has {report.tokens} tokens in {report.examples} documents, fewer than "
+                          f"one block of max_source_length={block_size}", hint="add text or lower max_source_length")
+    return blocks, report
+
+
+# ----------------------------------------------------------------------------------------------
+# sft: render conversations segment by segment, mask everything but the answers
+# ----------------------------------------------------------------------------------------------
+class Renderer:
+    """Cuts a conversation rendered by the tokenizer's chat template into (text, trained) segments."""
+
+    def __init__(self, tokenizer, template: str, system_prompt: str | None):
+        self.tok = tokenizer
+        self.system = system_prompt or (DEFAULT_SYSTEM if template == "chatml" else None)
+        self.eot = END_OF_TURN[template] or tokenizer.eos_token
+
+    def render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def conversation(self, messages: list[dict]) -> list[dict]:
+        if messages and messages[0]["role"] == "system":
+            head, rest = messages[:1], messages[1:]
+        else:
+            head, rest = ([{"role": "system", "content": self.system}] if self.system else []), messages
+        turns = []
+        for i in range(0, len(rest) - 1, 2):
+            user, answer = rest[i], rest[i + 1]
+            if user["role"] != "user" or answer["role"] != "assistant":
+                raise ValueError("messages must alternate user, assistant after an optional system message")
+            turns += [user, answer]
+        return head + turns  # a trailing user message without an answer has nothing to train
+
+    def segments(self, messages: list[dict]) -> list[tuple[str, str, str, bool]]:
+        """[(before, content, after, trained)]: prompt segments keep their user content apart so that
+        truncation can shorten the content and keep the template around it."""
+        msgs = self.conversation(messages)
+        out, done = [], ""
+        carry = ""  # text between an end-of-turn token and the next segment (ChatML: "\n")
+        start = 1 if msgs and msgs[0]["role"] == "system" else 0
+        for i in range(start, len(msgs), 2):
+            prompt = self.render(msgs[: i + 1], True)
+            full = self.render(msgs[: i + 2], False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise DevopsError(f"the chat template of {self.tok.name_or_path} does not render conversations "
+                                  "as growing prefixes, so answers cannot be masked", hint="use template: chatml")
+            seg = carry + prompt[len(done) :]
+            content = msgs[i]["content"]
+            pos = seg.rfind(content) if content else -1
+            if pos >= 0:
+                out.append((seg[:pos], content, seg[pos + len(content) :], False))
+            else:
+                out.append((seg, "", "", False))
+            answer = full[len(prompt) :]
+            cut = answer.find(self.eot)
+            cut = len(answer) if cut < 0 else cut + len(self.eot)
+            out.append(("", answer[:cut], "", True))
+            carry, done = answer[cut:], full
+        return out
+
+
+def encode_sft(renderer: Renderer, messages: list[dict], max_source: int, max_target: int):
+    """-> (input_ids, labels, truncated) with every prompt token labelled IGNORE."""
+    tok = renderer.tok
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    truncated = False
+    budget = max_source + max_target
+    segs = renderer.segments(messages)
+    for k in range(0, len(segs), 2):
+        before, content, after, _ = segs[k]
+        pre, body, post = ids(before), ids(content), ids(after)
+        room = max_source - len(pre) - len(post)
+        if room < 0:
+            truncated = True
+            break
+        if len(body) > room:
+            body, truncated = body[:room], True
+        prompt = pre + body + post
+        answer = ids(segs[k + 1][1])
+        if len(answer) > max_target:
+            answer, truncated = answer[:max_target], True
+        if input_ids and len(input_ids) + len(prompt) + len(answer) > budget:
+            truncated = True
+            break
+        input_ids += prompt + answer
+        labels += [IGNORE] * len(prompt) + answer
+    return input_ids, labels, truncated
+
+
+def build_sft(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
+    renderer = Renderer(tokenizer, recipe.template, recipe.system_prompt)
+
+    def fn(batch):
+        out = {"input_ids": [], "labels": [], "truncated": [], "valid": []}
+        for messages in batch["messages"]:
+            try:
+                input_ids, labels, truncated = encode_sft(renderer, messages, recipe.max_source_length,
+                                                          recipe.max_target_length)
+            except ValueError:
+                input_ids, labels, truncated = [], [], False
+            out["input_ids"].append(input_ids)
+            out["labels"].append(labels)
+            out["truncated"].append(truncated)
+            out["valid"].append(any(t != IGNORE for t in labels))
+        return out
+
+    encoded = raw.map(fn, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="tokenizing")
+    valid, truncated = encoded["valid"], encoded["truncated"]
+    kept = encoded.filter(lambda v: v, input_columns="valid").remove_columns(["valid", "truncated"])
+    report = DataReport(examples=len(kept), dropped_examples=len(valid) - sum(valid),
+                        truncated_examples=sum(t for t, v in zip(truncated, valid) if v))
+    report.tokens = sum(len(x) for x in kept["input_ids"])
+    report.trained_tokens = sum(sum(1 for t in x if t != IGNORE) for x in kept["labels"])
+    if report.examples == 0:
+        raise DevopsError(f"no sft example has an answer token left ({report.dropped_examples} dropped)",
+                          recipe.where("dataset"), "check the response column and max_target_length")
+    return kept, report
+
+
+def build(recipe: Recipe, tokenizer, num_proc: int | None = None):
+    """-> (train, eval or None, DataReport)"""
+    raw = load_all(recipe, num_proc)
+    if recipe.stage == "pt":
+        dataset, report = pack(raw, tokenizer, recipe.max_source_length, num_proc)
+    else:
+        dataset, report = build_sft(raw, tokenizer, recipe, num_proc)
+    if not recipe.val_size:
+        return dataset, None, report
+    size = int(recipe.val_size) if recipe.val_size >= 1 else recipe.val_size
+    if (size if isinstance(size, int) else max(1, round(size * len(dataset)))) >= len(dataset):
+        raise DevopsError(f"val_size {recipe.val_size} leaves no training data ({len(dataset)} examples)",
+                          recipe.where("val_size"), "lower val_size")
+    split = dataset.train_test_split(test_size=size, seed=recipe.seed)
+    return split["train"], split["test"], report

@@ -1,0 +1,189 @@
+"""dataset_info.json: the registry of named datasets (CodeFuse-DevOps-Model / LLaMA-Factory format).
+
+    {"devops_qa": {"file_name": "devops_qa.jsonl", "file_sha1": "...", "stage": "sft",
+                   "columns": {"prompt": "instruction", "query": "input", "response": "output",
+                               "history": "history"}},
+     "chats":     {"file_name": "chats.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"}},
+     "corpus":    {"file_name": "corpus.txt", "stage": "pt"},
+     "hub":       {"hf_hub_url": "org/name", "split": "train"}}
+
+Light on purpose (no torch / datasets import): the pre-launch checks read it too.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DevopsError
+
+BUNDLED_DIR = Path(__file__).parent / "assets" / "data"
+LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
+ENTRY_KEYS = {"file_name", "hf_hub_url", "script_url", "file_sha1", "stage", "formatting", "columns",
+              "tags", "split", "subset"}  # fmt: skip
+COLUMN_KEYS = {"prompt", "query", "response", "history", "system", "messages"}
+DEFAULT_COLUMNS = {
+    "pt": {"prompt": "text"},
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+               "system": "system"},
+    "sharegpt": {"messages": "messages"},
+}  # fmt: skip
+DEFAULT_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                "assistant_tag": "assistant", "system_tag": "system"}  # fmt: skip
+
+
+@dataclass
+class DatasetEntry:
+    name: str
+    where: str  # "dir/dataset_info.json (dataset name)" for messages
+    files: list[Path] = field(default_factory=list)  # local files (empty for hub datasets)
+    loader: str | None = None  # datasets builder name: json | csv | text | parquet
+    hub_id: str | None = None
+    split: str = "train"
+    subset: str | None = None
+    formatting: str = "alpaca"  # alpaca | sharegpt | pt
+    columns: dict[str, str] = field(default_factory=dict)
+    explicit: set[str] = field(default_factory=set)  # column roles the user named
+    tags: dict[str, str] = field(default_factory=dict)
+    sha1: str | None = None
+
+
+def resolve_dir(dataset_dir: str) -> Path:
+    return BUNDLED_DIR if dataset_dir == "bundled" else Path(dataset_dir)
+
+
+def read_registry(dataset_dir: str, where: str) -> tuple[Path, dict]:
+    root = resolve_dir(dataset_dir)
+    if not root.is_dir():
+        raise DevopsError(f"dataset_dir '{dataset_dir}' is not a directory", where,
+                          "point dataset_dir at the folder holding dataset_info.json")
+    info = root / "dataset_info.json"
+    if not info.is_file():
+        raise DevopsError(f"no dataset_info.json in '{dataset_dir}'", where,
+                          "create one (see README: Data formats) or fix dataset_dir")
+    try:
+        registry = json.loads(info.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DevopsError(f"invalid JSON: {e.msg}", f"{info}:{e.lineno}", "fix the syntax") from None
+    if not isinstance(registry, dict):
+        raise DevopsError("dataset_info.json must map dataset names to entries", str(info))
+    return info, registry
+
+
+def resolve(name: str, dataset_dir: str, stage: str, where: str) -> DatasetEntry:
+    """Look up one dataset name and check its entry (files exist, stage matches)."""
+    info, registry = read_registry(dataset_dir, where)
+    if name not in registry:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(registry), n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"defined: {', '.join(sorted(registry)) or 'none'}"
+        raise DevopsError(f"dataset '{name}' is not defined in {info}", where, hint)
+    raw = registry[name]
+    loc = f"{info} (dataset '{name}')"
+    if not isinstance(raw, dict):
+        raise DevopsError("entry must be a mapping with file_name or hf_hub_url", loc)
+    unknown = set(raw) - ENTRY_KEYS
+    if unknown:
+        raise DevopsError(f"unknown entry key(s) {', '.join(sorted(unknown))}", loc,
+                          f"allowed: {', '.join(sorted(ENTRY_KEYS))}")
+    if raw.get("stage", stage) != stage:
+        raise DevopsError(f"dataset is for stage {raw['stage']}, the recipe trains stage {stage}", loc,
+                          f"use a {stage} dataset")
+    columns = raw.get("columns") or {}
+    if not isinstance(columns, dict) or set(columns) - COLUMN_KEYS:
+        raise DevopsError(f"columns must map some of {', '.join(sorted(COLUMN_KEYS))} to column names", loc)
+    formatting = raw.get("formatting") or ("sharegpt" if "messages" in columns else "alpaca")
+    if formatting not in ("alpaca", "sharegpt"):
+        raise DevopsError(f"formatting '{formatting}' is not alpaca or sharegpt", loc)
+    if stage == "pt":
+        formatting = "pt"
+    entry = DatasetEntry(name=name, where=loc, formatting=formatting, split=raw.get("split", "train"),
+                         subset=raw.get("subset"), sha1=raw.get("file_sha1"),
+                         columns={**DEFAULT_COLUMNS[formatting], **columns}, explicit=set(columns),
+                         tags={**DEFAULT_TAGS, **(raw.get("tags") or {})})
+    if "file_name" in raw:
+        path = info.parent / raw["file_name"]
+        files = sorted(p for p in path.iterdir() if p.suffix in LOADERS) if path.is_dir() else [path]
+        if not path.exists() or not files:
+            raise DevopsError(f"data file '{path}' not found", loc, "fix file_name (relative to dataset_dir)")
+        kinds = {LOADERS.get(p.suffix) for p in files}
+        if None in kinds or len(kinds) != 1:
+            raise DevopsError(f"cannot read '{path}': use one of {', '.join(LOADERS)} files", loc)
+        entry.files, entry.loader = files, kinds.pop()
+    elif "hf_hub_url" in raw:
+        entry.hub_id = raw["hf_hub_url"]
+    else:
+        raise DevopsError("entry has neither file_name nor hf_hub_url", loc, "add file_name: <file>")
+    return entry
+
+
+def peek_columns(entry: DatasetEntry) -> tuple[list[str], str]:
+    """Column names of the first record of a local dataset file, and where that record is."""
+    path = entry.files[0]
+    if path.stat().st_size == 0:
+        raise DevopsError(f"data file '{path}' is empty", entry.where, "add examples")
+    if entry.loader == "text":
+        return ["text"], f"{path}:1"
+    if entry.loader == "csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), []), f"{path}:1"
+    if entry.loader == "json":
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1)
+            f.seek(0)
+            if head != "[":  # JSON lines (or a single object per line)
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            raise DevopsError(f"invalid JSON line: {e.msg}", f"{path}:{n}", "one JSON object per line") from None
+                        break
+                else:
+                    raise DevopsError(f"data file '{path}' has no records", entry.where)
+                where = f"{path}:{n}"
+            else:
+                try:
+                    records = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise DevopsError(f"invalid JSON: {e.msg}", f"{path}:{e.lineno}") from None
+                if not records:
+                    raise DevopsError(f"data file '{path}' has no records", entry.where)
+                record, where = records[0], f"{path} (record 0)"
+        if not isinstance(record, dict):
+            raise DevopsError("a record must be a JSON object", where)
+        return list(record), where
+    return [], str(path)  # parquet: checked when loaded
+
+
+def check_columns(entry: DatasetEntry) -> None:
+    """The columns the entry needs are present in its first record."""
+    if not entry.files:
+        return
+    present, where = peek_columns(entry)
+    if not present and entry.loader == "parquet":
+        return
+    if entry.formatting == "pt" and entry.loader == "text":
+        return
+    needed = {"pt": ["prompt"], "alpaca": ["prompt", "response"], "sharegpt": ["messages"]}[entry.formatting]
+    needed += [role for role in entry.explicit if role not in needed]
+    for role in needed:
+        col = entry.columns[role]
+        if col not in present:
+            raise DevopsError(f"column '{col}' ({role}) missing in dataset '{entry.name}'; columns are "
+                              f"{', '.join(map(str, present))}", where,
+                              f'map it in dataset_info.json: "columns": {{"{role}": "<column>"}}')
+
+
+def check_sha1(entry: DatasetEntry) -> str | None:
+    """A warning line when file_sha1 does not match (CodeFuse's behaviour: warn, go on)."""
+    if not entry.sha1 or len(entry.files) != 1:
+        return None
+    digest = hashlib.sha1(entry.files[0].read_bytes()).hexdigest()
+    if digest != entry.sha1:
+        return f"{entry.where}: file_sha1 {entry.sha1} does not match the file ({digest}); the data changed"
+    return None

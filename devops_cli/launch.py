@@ -1,0 +1,161 @@
+"""torchrun: the argv (a list, never a re-split string), the multi-node conventions, and running it.
+
+Multi-node values come from the recipe, else from the environment, in both conventions users have:
+  CodeFuse-DevOps-Model scripts: WORLD_SIZE = number of nodes, RANK = node rank
+  LLaMA-Factory:                 NNODES, NODE_RANK
+plus MASTER_ADDR / MASTER_PORT, and NPROC_PER_NODE.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DevopsError
+from .recipe import Recipe
+
+
+@dataclass
+class Launch:
+    nproc_per_node: int
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    sources: dict[str, str] = field(default_factory=dict)  # value -> where it came from
+
+    def describe(self) -> str:
+        s = self.sources
+        return (f"{self.nnodes} node(s) [{s['nnodes']}], this is node {self.node_rank} [{s['node_rank']}], "
+                f"{self.nproc_per_node} worker(s) per node [{s['nproc_per_node']}], "
+                f"master {self.master_addr}:{self.master_port} [{s['master_addr']}, {s['master_port']}]")
+
+
+def visible_gpus(env=os.environ) -> int:
+    """GPUs torch would see, without importing torch (so --dry-run stays instant)."""
+    cvd = env.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _int_env(env, name: str) -> int | None:
+    value = env.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DevopsError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def plan(r: Recipe, env=os.environ) -> Launch:
+    src: dict[str, str] = {}
+
+    def pick(key: str, candidates: list[tuple[str, object]], default, default_src: str):
+        if getattr(r, key) is not None:
+            src[key] = "recipe"
+            return getattr(r, key)
+        for name, value in candidates:
+            if value is not None:
+                src[key] = f"env {name}"
+                return value
+        src[key] = default_src
+        return default
+
+    nnodes = pick("nnodes", [("NNODES", _int_env(env, "NNODES")), ("WORLD_SIZE", _int_env(env, "WORLD_SIZE"))], 1, "default")
+    node_rank = pick("node_rank", [("NODE_RANK", _int_env(env, "NODE_RANK")), ("RANK", _int_env(env, "RANK"))], 0, "default")
+    master_addr = pick("master_addr", [("MASTER_ADDR", env.get("MASTER_ADDR") or None)], "127.0.0.1", "default")
+    gpus = visible_gpus(env)
+    nproc = pick("nproc_per_node", [("NPROC_PER_NODE", _int_env(env, "NPROC_PER_NODE"))], max(gpus, 1),
+                 f"{gpus} visible GPU(s)" if gpus else "no GPU: 1")
+    if nnodes > 1:
+        port = pick("master_port", [("MASTER_PORT", _int_env(env, "MASTER_PORT"))], 29500, "default")
+    else:
+        port = pick("master_port", [("MASTER_PORT", _int_env(env, "MASTER_PORT"))], None, "a free port")
+        port = port or free_port()
+    if nnodes < 1 or nproc < 1:
+        raise DevopsError(f"nnodes ({nnodes}) and nproc_per_node ({nproc}) must be >= 1")
+    if not 0 <= node_rank < nnodes:
+        raise DevopsError(f"node rank {node_rank} [{src['node_rank']}] is not below nnodes {nnodes} [{src['nnodes']}]",
+                          hint="set node_rank=0..nnodes-1 on each node")
+    return Launch(nproc, nnodes, node_rank, str(master_addr), int(port), src)
+
+
+def torchrun_argv(launch: Launch, recipe_path: Path) -> list[str]:
+    return [
+        "torchrun",
+        "--nnodes", str(launch.nnodes),
+        "--nproc-per-node", str(launch.nproc_per_node),
+        "--node-rank", str(launch.node_rank),
+        "--master-addr", launch.master_addr,
+        "--master-port", str(launch.master_port),
+        "--monitor-interval", "1",
+        "-m", "devops_cli.worker", str(recipe_path),
+    ]  # fmt: skip
+
+
+def display(argv: list[str]) -> str:
+    return shlex.join(argv)
+
+
+def run(argv: list[str], log_dir: Path) -> int:
+    """Run torchrun (the real one: torch.distributed.run) in this process; return the exit code.
+
+    A worker that dies (even kill -9) ends the job within seconds: torchrun's agent notices, stops the
+    other workers, and we name the rank and its log instead of printing torchrun's traceback.
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    from .console import fail
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    os.environ.setdefault("TORCHELASTIC_ERROR_FILE", str(log_dir / "error.json"))
+    try:
+        torchrun(parse_args(argv[1:]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+            fail(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) was killed by {name}; "
+                 f"its log: {log_dir / f'rank{rank}.log'}")
+            return 128 - code
+        if code != 2:  # 2: the worker already printed its one-line DevopsError
+            fail(f"rank {rank} (local rank {failure.local_rank}) exited with code {code}; "
+                 f"its log: {log_dir / f'rank{rank}.log'}")
+        return code
+    except (SignalException, KeyboardInterrupt) as e:
+        sig = getattr(e, "sigval", signal.SIGINT)
+        fail(f"stopped by {signal.Signals(sig).name}; every worker was stopped")
+        return 128 + int(sig)
+    return 0
+
+
+def env_for_workers() -> None:
+    """Settings every worker inherits (set before torchrun spawns them)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -1,0 +1,97 @@
+"""The one place that calls from_pretrained: tokenizer fixes, dtype, LoRA, merging adapters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import DevopsError
+from .templates import CHATML, DEFAULT
+
+
+def load_tokenizer(name: str, template: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise DevopsError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from None
+    if tok.eos_token is None:
+        raise DevopsError(f"the tokenizer of '{name}' has no eos_token", hint="set eos_token in its tokenizer_config.json")
+    if tok.pad_token is None:  # Qwen tokenizers often ship without one
+        tok.pad_token = tok.eos_token
+    if template == "chatml":
+        vocab = tok.get_vocab()
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in vocab]
+        if missing:
+            raise DevopsError(f"the tokenizer of '{name}' has no {' / '.join(missing)} token, so it cannot use ChatML",
+                              hint="use template: default")
+        if not tok.chat_template or "<|im_start|>" not in str(tok.chat_template):
+            tok.chat_template = CHATML
+    elif template == "default":
+        tok.chat_template = DEFAULT
+    return tok
+
+
+def torch_dtype(bf16: bool, fp16: bool, trainable_base: bool, deepspeed: bool):
+    """Weights dtype at load time. Full fine-tuning without DeepSpeed keeps fp32 master weights (the
+    Trainer's autocast does bf16/fp16 compute); frozen LoRA bases and DeepSpeed runs load in half."""
+    import torch
+
+    if trainable_base and not deepspeed:
+        return torch.float32
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implementation: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise DevopsError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+
+
+def add_lora(model, rank: int, alpha: float, dropout: float, target: str, gradient_checkpointing: bool):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = "all-linear" if target == "all" else [t.strip() for t in target.split(",") if t.strip()]
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=targets)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise DevopsError(f"lora_target '{target}': {str(e).splitlines()[0]}", hint="use lora_target: all") from None
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    config = adapter_dir / "adapter_config.json"
+    if not config.is_file():
+        raise DevopsError(f"'{adapter_dir}' has no adapter_config.json, so it is not a LoRA adapter")
+    base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise DevopsError(f"{config} does not name its base model", hint="pass --model BASE")
+    return base
+
+
+def merge_adapter(adapter_dir: Path, output: Path, base: str | None = None, trust_remote_code: bool = False) -> Path:
+    """Base model + LoRA adapter -> full weights (safetensors) + tokenizer, loadable with from_pretrained."""
+    import torch
+    from peft import PeftModel
+
+    base = base or adapter_base(adapter_dir)
+    model = load_model(base, torch.float32, trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise DevopsError(f"adapter '{adapter_dir}' does not fit base '{base}': {str(e).splitlines()[0]}") from None
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output)
+    tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    load_tokenizer(str(tok_dir), trust_remote_code=trust_remote_code).save_pretrained(output)
+    return output

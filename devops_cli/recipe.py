@@ -1,0 +1,325 @@
+"""YAML recipe -> a typed Recipe, with every problem reported at once (file:line, key, fix).
+
+No torch import here: `devops-model sft bad.yaml` must fail in a fraction of a second.
+Checks that need the filesystem (model dir, datasets, DeepSpeed config, output_dir) live in
+`checks.py`; this module owns the schema, parsing, type coercion and key=value overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .errors import DevopsError, DevopsErrors
+
+REQUIRED = "<required>"
+BUNDLED_DATA = "bundled"  # dataset_dir value meaning the sample data shipped in the package
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)  # fmt: skip
+
+
+def _k(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Recipe:
+    # --- what to train -------------------------------------------------------------------------
+    stage: str = _k(REQUIRED, "pt (continued pretraining) or sft (supervised fine-tuning)", ("pt", "sft"))
+    model_name_or_path: str = _k(REQUIRED, "local model directory or hub id")
+    trust_remote_code: bool = _k(False, "run the model's own Python code (off unless you trust it)")
+    attn_implementation: str | None = _k(None, "sdpa | eager | flash_attention_2 (default: transformers')")
+    dataset: str = _k(REQUIRED, "comma list of dataset names from dataset_info.json")
+    dataset_dir: str = _k(BUNDLED_DATA, "folder holding dataset_info.json ('bundled' = sample data)")
+    template: str = _k("chatml", "sft prompt format", ("chatml", "default"))
+    system_prompt: str | None = _k(None, "system message (chatml default: 'You are a helpful assistant.')")
+    max_source_length: int = _k(1024, "pt: block size; sft: max prompt tokens per turn")
+    max_target_length: int = _k(1024, "sft: max answer tokens per turn")
+    max_samples: int | None = _k(None, "use at most this many examples of each dataset")
+    val_size: float = _k(0.0, "held-out share (0<x<1) or count (integer >= 1) for eval loss")
+    preprocessing_num_workers: int | None = _k(None, "processes for tokenization (default: 1)")
+    # --- how to train --------------------------------------------------------------------------
+    finetuning_type: str = _k("full", "train all weights or a LoRA adapter", ("full", "lora"))
+    lora_rank: int = _k(8, "LoRA rank r")
+    lora_alpha: float = _k(32.0, "LoRA scaling alpha")
+    lora_dropout: float = _k(0.1, "LoRA dropout")
+    lora_target: str = _k("all", "'all' linear layers, or a comma list of module names (q_proj,v_proj)")
+    output_dir: str = _k(REQUIRED, "where checkpoints, logs and the final model go")
+    overwrite_output_dir: bool = _k(False, "start afresh in an output_dir that holds another run")
+    resume_from_checkpoint: str | bool | None = _k(None, "checkpoint dir, true/false (default: auto)")
+    per_device_train_batch_size: int = _k(4, "examples per device per step")
+    per_device_eval_batch_size: int = _k(4, "examples per device per eval step")
+    gradient_accumulation_steps: int = _k(1, "steps accumulated per optimizer update")
+    learning_rate: float = _k(5e-5, "peak learning rate")
+    lr_scheduler_type: str = _k("cosine", "learning-rate schedule", SCHEDULERS)
+    warmup_ratio: float = _k(0.0, "share of steps spent warming up")
+    num_train_epochs: float = _k(3.0, "epochs (ignored when max_steps > 0)")
+    max_steps: int = _k(-1, "total optimizer steps (overrides num_train_epochs when > 0)")
+    logging_steps: int = _k(10, "log every N steps")
+    save_steps: int = _k(500, "checkpoint every N steps")
+    eval_steps: int | None = _k(None, "eval every N steps (needs val_size)")
+    save_total_limit: int | None = _k(None, "keep at most N checkpoints")
+    bf16: bool = _k(False, "bfloat16 mixed precision (recommended for Qwen on GPUs that have it)")
+    fp16: bool = _k(False, "float16 mixed precision (Qwen may diverge; prefer bf16)")
+    gradient_checkpointing: bool = _k(False, "trade compute for activation memory")
+    deepspeed: str | None = _k(None, "DeepSpeed JSON config (configs/deepspeed/zero3.json)")
+    plot_loss: bool = _k(False, "write training_loss.png into output_dir")
+    report_to: str = _k("tensorboard", "comma list: tensorboard, wandb, none ...")
+    seed: int = _k(42, "random seed")
+    # --- launch (torchrun) ---------------------------------------------------------------------
+    nproc_per_node: int | None = _k(None, "workers per node (default: visible GPUs, else 1)")
+    nnodes: int | None = _k(None, "number of nodes (default: env NNODES / WORLD_SIZE, else 1)")
+    node_rank: int | None = _k(None, "this node's rank (default: env NODE_RANK / RANK, else 0)")
+    master_addr: str | None = _k(None, "rendezvous host (default: env MASTER_ADDR, else 127.0.0.1)")
+    master_port: int | None = _k(None, "rendezvous port (default: env MASTER_PORT, else a free one)")
+    # --- anything else transformers.TrainingArguments takes, validated ----------------------------
+    extra: dict = field(default_factory=dict, metadata={"help": "pass-through TrainingArguments"})
+
+    # where each key came from, for messages ("configs/x.yaml:12" or "override 'k=v'")
+    origin: dict = field(default_factory=dict, repr=False, compare=False, metadata={"internal": True})
+    source: str = field(default="", repr=False, compare=False, metadata={"internal": True})
+
+    def where(self, key: str) -> str:
+        return self.origin.get(key) or f"{self.source} (key {key})"
+
+    @property
+    def datasets(self) -> list[str]:
+        return [d.strip() for d in self.dataset.split(",") if d.strip()]
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in schema() if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port")
+# keys that may change between a run and its resumption without making it "another run"
+RESUMABLE_CHANGES = {
+    *LAUNCH_KEYS, "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "num_train_epochs",
+    "logging_steps", "save_steps", "eval_steps", "save_total_limit", "report_to", "plot_loss",
+    "preprocessing_num_workers",
+}  # fmt: skip
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target")
+
+
+def schema() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Recipe) if not f.metadata.get("internal")]
+
+
+_HINTS = typing.get_type_hints(Recipe)
+
+
+# ----------------------------------------------------------------------------------------------
+# Types
+# ----------------------------------------------------------------------------------------------
+def _allowed(tp) -> tuple[type, ...]:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return tuple(a for arg in typing.get_args(tp) for a in _allowed(arg))
+    return (type(None),) if tp is type(None) else (tp,)
+
+
+def _describe(allowed: tuple) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             dict: "a mapping", list: "a list", type(None): "null"}  # fmt: skip
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in allowed))
+
+
+def coerce(value, allowed: tuple[type, ...]):
+    """Return value converted to one of `allowed`, or raise ValueError."""
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+        raise ValueError
+    if isinstance(value, int) and int in allowed:
+        return value
+    if isinstance(value, (int, float)) and float in allowed:
+        return float(value)
+    if isinstance(value, float) and int in allowed and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        if str in allowed:
+            return value
+        # YAML 1.1 reads 5e-5 as a string; accept numbers written that way
+        for t in (int, float):
+            if t in allowed:
+                try:
+                    return t(value)
+                except ValueError:
+                    pass
+    if isinstance(value, (dict, list)) and type(value) in allowed:
+        return value
+    raise ValueError
+
+
+# ----------------------------------------------------------------------------------------------
+# TrainingArguments pass-through: field names and coarse types read from transformers' source
+# ----------------------------------------------------------------------------------------------
+_TA_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list, "None": type(None)}
+_OWNED = {"local_rank", "overwrite_output_dir", "warmup_ratio", "evaluation_strategy"}
+
+
+def training_argument_types() -> dict[str, tuple[type, ...] | None]:
+    """{field: allowed python types} of transformers.TrainingArguments, without importing torch."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or spec.origin is None:
+        return {}
+    src = Path(spec.origin).parent / "training_args.py"
+    tree = ast.parse(src.read_text(encoding="utf-8"))
+    out: dict[str, tuple[type, ...] | None] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "TrainingArguments":
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    words = ast.unparse(item.annotation).replace("|", " ").replace("[", " ").split()
+                    found = tuple(dict.fromkeys(_TA_TYPES[w] for w in words if w in _TA_TYPES))
+                    # enum-typed fields (IntervalStrategy | str) come out as (str,); unknown -> any
+                    out[item.target.id] = found or None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
+    """Top-level mapping of a YAML file and the line number of each key."""
+    if not path.is_file():
+        raise DevopsError(f"recipe file not found: {path}", hint="check the path (configs/ holds examples)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise DevopsError(f"invalid YAML: {problem}", where, "fix the syntax (indentation, ':' after keys)") from None
+    if data is None:
+        raise DevopsError("the recipe is empty", str(path), "add at least stage, model_name_or_path, dataset, output_dir")
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
+        raise DevopsError("a recipe must be a mapping of key: value lines", f"{path}:1")
+    lines: dict[str, int] = {}
+    errors = []
+    for key_node, _ in node.value:
+        key = key_node.value
+        if key in lines:
+            errors.append(DevopsError(f"key '{key}' appears twice (also line {lines[key]})",
+                                      f"{path}:{key_node.start_mark.line + 1}", "keep one"))
+        lines[key] = key_node.start_mark.line + 1
+    if errors:
+        raise DevopsErrors(errors)
+    return data, lines
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise DevopsError(f"override '{text}' is not key=value", hint="e.g. learning_rate=1e-5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load(path: str | Path | None, overrides: list[str] = (), stage: str | None = None) -> Recipe:
+    """Read a recipe (optional: overrides alone can make one), apply key=value overrides, and check
+    every key's type and choices. Raises DevopsErrors listing every problem found."""
+    values: dict[str, object] = {}
+    origin: dict[str, str] = {}
+    source = str(path) if path else "command line"
+    if path is not None:
+        data, lines = _read_yaml(Path(path))
+        values.update(data)
+        origin.update({k: f"{path}:{n}" for k, n in lines.items()})
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+        origin[key] = f"override '{text}'"
+    if stage is not None:
+        values.setdefault("stage", stage)
+    return build(values, origin, source, stage)
+
+
+def build(values: dict, origin: dict[str, str], source: str, command: str | None = None) -> Recipe:
+    """Check every key of `values`; `command` is the stage the user ran (pt | sft), if any."""
+    errors: list[DevopsError] = []
+    if command and values.get("stage") in ("pt", "sft") and values["stage"] != command:
+        errors.append(DevopsError(f"the recipe says stage: {values['stage']} but you ran `devops-model {command}`",
+                                  origin.get("stage"), f"run `devops-model {values['stage']}` or set stage: {command}"))
+    known = {f.name: f for f in schema() if f.name != "extra"}
+    ta_types = None
+    kwargs: dict[str, object] = {}
+    extra: dict[str, object] = {}
+    for key, value in values.items():
+        where = origin.get(key, f"{source} (key {key})")
+        if not isinstance(key, str):
+            errors.append(DevopsError(f"key {key!r} is not a name", where))
+            continue
+        if key in known:
+            allowed = _allowed(_HINTS[key])
+            try:
+                value = coerce(value, allowed)
+            except ValueError:
+                errors.append(DevopsError(f"{key} expects {_describe(allowed)}, got {value!r}", where))
+            else:
+                choices = known[key].metadata.get("choices")
+                if choices and value not in choices:
+                    hint = _did_you_mean(str(value), choices) or f"choose one of {', '.join(choices)}"
+                    errors.append(DevopsError(f"{key}: {value!r} is not one of {', '.join(choices)}", where, hint))
+            kwargs[key] = value  # kept even when wrong: a required key is then not reported missing
+            continue
+        if ta_types is None:
+            ta_types = training_argument_types()
+        if key in ta_types and key not in _OWNED:
+            allowed = ta_types[key]
+            if allowed is not None:
+                try:
+                    value = coerce(value, allowed)
+                except ValueError:
+                    errors.append(DevopsError(f"{key} expects {_describe(allowed)}, got {value!r}", where))
+                    continue
+            extra[key] = value
+            continue
+        hint = _did_you_mean(key, [*known, *(k for k in ta_types if k not in _OWNED)])
+        errors.append(DevopsError(f"unknown key '{key}'", where,
+                                  hint or "see `devops-model keys` for the recipe keys"))
+    for name, f in known.items():
+        if f.default == REQUIRED and name not in kwargs:
+            errors.append(DevopsError(f"missing required key '{name}'", source, f"add `{name}: ...`"))
+    if errors:
+        raise DevopsErrors(errors)
+    return Recipe(**kwargs, extra=extra, origin=origin, source=source)
+
+
+def _did_you_mean(word: str, options) -> str | None:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.7)
+    return f"did you mean '{close[0]}'?" if close else None
+
+
+def dump(recipe: Recipe, header: str = "") -> str:
+    lines = [f"# resolved by devops-model {__version__}"]
+    if header:
+        lines += [f"# {h}" for h in header.splitlines()]
+    body = yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=1000)
+    return "\n".join(lines) + "\n" + body
+
+
+def read_resolved(path: Path) -> dict:
+    """The key: value mapping of a recipe.yaml that devops-model wrote into an output_dir."""
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f) or {}

@@ -1,0 +1,27 @@
+"""Chat templates (Jinja, as tokenizers carry them) for models that ship none."""
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# ChatML as Qwen2 chat models ship it: default system "You are a helpful assistant." (CodeFuse's too).
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# LLaMA-Efficient-Tuning 0.1.7's "default" template, which CodeFuse-DevOps-Model's pt recipes name.
+DEFAULT = (
+    "{% for message in messages %}"
+    "{% if loop.first %}{{ (messages[0]['content'] if messages[0]['role'] == 'system' else "
+    "'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user\\'s questions.') + '\\n' }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ 'Human: ' + message['content'] + '\\nAssistant: ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+END_OF_TURN = {"chatml": "<|im_end|>", "default": None}  # None: the tokenizer's eos_token

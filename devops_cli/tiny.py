@@ -1,0 +1,90 @@
+"""The tiny-model kit: a Qwen2-architecture model of a few MB and a byte-level BPE tokenizer trained
+on the bundled DevOps corpus, saved with save_pretrained. Used by `make demo`, the tests and benches.
+
+The BPE is trained with Qwen2's own normalizer (NFC) and pre-tokenizer (Qwen regex split + byte level),
+so token ids are identical after a reload through AutoTokenizer (which re-applies Qwen's pre-tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .dataset_info import BUNDLED_DIR
+from .errors import DevopsError
+from .templates import CHATML
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def bundled_texts():
+    """Every text of the bundled sample data: corpus documents, QA turns, chat messages."""
+    for path in sorted(BUNDLED_DIR.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "text" in record:
+                yield record["text"]
+            for key in ("instruction", "input", "output"):
+                if record.get(key):
+                    yield record[key]
+            for q, a in record.get("history") or []:
+                yield q
+                yield a
+            for message in record.get("messages") or []:
+                yield message["content"]
+
+
+def train_tokenizer(vocab_size: int = 4096, texts=None):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts if texts is not None else bundled_texts(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token=None, additional_special_tokens=SPECIAL[1:])
+    fast.chat_template = CHATML
+    return fast
+
+
+def build(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 2, vocab_size: int = 4096,
+          intermediate_size: int | None = None, num_heads: int = 4, num_kv_heads: int = 2,
+          max_position_embeddings: int = 4096, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a randomly initialised Qwen2ForCausalLM + tokenizer + generation config to out_dir."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DevopsError(f"'{out}' exists and is not empty", hint="choose another directory or pass --overwrite")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise DevopsError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = train_tokenizer(vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        intermediate_size=intermediate_size or hidden_size * 3, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
+        max_new_tokens=256, do_sample=False,
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,103 @@
+"""pt and sft: recipe -> TrainingArguments -> model + data -> Trainer -> saved model and metrics.
+
+Runs inside every torchrun worker. Reads top to bottom: arguments, tokenizer, data, model, train, save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from . import data, modeling
+from .console import info
+from .recipe import Recipe
+
+
+def training_arguments(r: Recipe):
+    import torch
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=r.output_dir,
+        per_device_train_batch_size=r.per_device_train_batch_size,
+        per_device_eval_batch_size=r.per_device_eval_batch_size,
+        gradient_accumulation_steps=r.gradient_accumulation_steps,
+        learning_rate=r.learning_rate,
+        lr_scheduler_type=r.lr_scheduler_type,
+        warmup_steps=r.warmup_ratio,  # transformers 5: a float < 1 is a ratio of all steps
+        num_train_epochs=r.num_train_epochs,
+        max_steps=r.max_steps,
+        logging_steps=r.logging_steps,
+        save_steps=r.save_steps,
+        save_total_limit=r.save_total_limit,
+        eval_strategy="steps" if r.val_size and r.eval_steps else "no",
+        eval_steps=r.eval_steps,
+        bf16=r.bf16,
+        fp16=r.fp16,
+        gradient_checkpointing=r.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if r.gradient_checkpointing else None,
+        deepspeed=r.deepspeed,
+        report_to=[t.strip() for t in r.report_to.split(",") if t.strip()],
+        seed=r.seed,
+        ddp_backend="nccl" if torch.cuda.is_available() else "gloo",
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+    )
+    kwargs.update(r.extra)
+    return TrainingArguments(**kwargs)
+
+
+def run(r: Recipe) -> dict:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    args = training_arguments(r)  # first: under ZeRO-3 it makes from_pretrained shard at load time
+    tokenizer = modeling.load_tokenizer(r.model_name_or_path, r.template if r.stage == "sft" else None,
+                                        r.trust_remote_code)
+    with args.main_process_first(desc="preparing data"):
+        train_set, eval_set, report = data.build(r, tokenizer, r.preprocessing_num_workers)
+    info(report.lines(r.stage))
+
+    lora = r.finetuning_type == "lora"
+    dtype = modeling.torch_dtype(r.bf16, r.fp16, trainable_base=not lora, deepspeed=bool(r.deepspeed))
+    model = modeling.load_model(r.model_name_or_path, dtype, r.trust_remote_code, r.attn_implementation)
+    if r.gradient_checkpointing:
+        model.config.use_cache = False
+    if lora:
+        model = modeling.add_lora(model, r.lora_rank, r.lora_alpha, r.lora_dropout, r.lora_target,
+                                  r.gradient_checkpointing)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    info(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable ({dtype}, {r.finetuning_type})")
+
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=data.IGNORE, padding=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=collator, processing_class=tokenizer)
+    resume = r.resume_from_checkpoint if isinstance(r.resume_from_checkpoint, str) else None
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+
+    trainer.save_model()  # ZeRO-3: gathers a full state dict (stage3_gather_16bit_weights_on_model_save)
+    trainer.save_state()
+    metrics = dict(result.metrics)
+    tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    metrics.update(train_tokens=int(tokens), train_tokens_per_second=tokens / seconds if seconds else 0.0,
+                   global_step=trainer.state.global_step, data=report.__dict__,
+                   world_size=args.world_size, resumed_from=resume)
+    if eval_set is not None:
+        ev = trainer.evaluate()
+        metrics.update(ev)
+        metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+    if trainer.is_world_process_zero():
+        (Path(r.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        if r.plot_loss:
+            from .plot import plot_loss
+
+            plot_loss(trainer.state.log_history, Path(r.output_dir) / "training_loss.png")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return metrics

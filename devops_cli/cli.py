@@ -60,7 +60,9 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
         for old in out.glob("checkpoint-*"):
             shutil.rmtree(old)
     source = f"{recipe_path or 'command line'}" + (f" + {' '.join(overrides)}" if overrides else "")
-    (out / "recipe.yaml").write_text(recipe.dump(r, f"from {source}\n{launch.display(argv)}"), encoding="utf-8")
+    tmp = out / f".recipe.yaml.{os.getpid()}"  # atomic: other nodes may read it on a shared disk
+    tmp.write_text(recipe.dump(r, f"from {source}\n{launch.display(argv)}"), encoding="utf-8")
+    tmp.replace(out / "recipe.yaml")
     info(f"[bold]{stage}[/] → {out}  ({plan.describe()})")
     if resume is not None:
         info(f"resuming from {resume}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -15,10 +16,24 @@ from .console import info
 from .recipe import Recipe
 
 
+def process_state(r: Recipe, gpu: bool):
+    """accelerate's process state, made with the backend named. Left to TrainingArguments, accelerate
+    loses the backend on the DeepSpeed path when there is no CUDA and then counts one process (the
+    "auto" batch sizes come out wrong), and without use_cpu a CPU torchrun job is not distributed at
+    all (each worker would train alone)."""
+    from accelerate import PartialState
+
+    if r.deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    return PartialState(cpu=not gpu and not r.deepspeed, backend="nccl" if gpu else "gloo")
+
+
 def training_arguments(r: Recipe):
     import torch
     from transformers import TrainingArguments
 
+    gpu = torch.cuda.is_available()
+    process_state(r, gpu)
     kwargs = dict(
         output_dir=r.output_dir,
         per_device_train_batch_size=r.per_device_train_batch_size,
@@ -41,7 +56,10 @@ def training_arguments(r: Recipe):
         deepspeed=r.deepspeed,
         report_to=[t.strip() for t in r.report_to.split(",") if t.strip()],
         seed=r.seed,
-        ddp_backend="nccl" if torch.cuda.is_available() else "gloo",
+        use_cpu=not gpu and not r.deepspeed,  # device choice; DeepSpeed picks its accelerator itself
+        accelerator_config={"use_configured_state": True},
+        ddp_backend="nccl" if gpu else "gloo",
+        dataloader_pin_memory=gpu,
         ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,

@@ -1,0 +1,65 @@
+"""Shared fixtures: the tiny model (built once per session), sample datasets, and a CLI runner.
+
+Nothing here downloads: models are built in code, data is written by the tests or bundled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from devops_cli.tiny import build
+
+    return build(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model):
+    from devops_cli.modeling import load_tokenizer
+
+    return load_tokenizer(str(tiny_model), "chatml")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    """A dataset_dir with one pt corpus, one alpaca sft set (with history) and one messages set."""
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "corpus.jsonl", [{"text": f"Document {i}: restart the pod with kubectl rollout restart."} for i in range(50)])
+    write_jsonl(d / "qa.jsonl", [
+        {"instruction": "What is a Pod?", "input": "", "output": "The smallest deployable unit.",
+         "history": [["Hi", "Hello!"]]},
+        {"instruction": "Check disk", "input": "df -h shows 100%", "output": "Delete old logs.", "history": []},
+    ] * 10)  # fmt: skip
+    write_jsonl(d / "chat.jsonl", [{"messages": [{"role": "user", "content": "ping?"},
+                                                 {"role": "assistant", "content": "pong"}]}] * 10)
+    (d / "dataset_info.json").write_text(json.dumps({
+        "corpus": {"file_name": "corpus.jsonl", "stage": "pt", "columns": {"prompt": "text"}},
+        "qa": {"file_name": "qa.jsonl", "stage": "sft",
+               "columns": {"prompt": "instruction", "query": "input", "response": "output", "history": "history"}},
+        "chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"}},
+    }))  # fmt: skip
+    return d
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+            **kwargs) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "devops_cli", *args], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)

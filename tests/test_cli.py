@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, run_cli
+
+
+def test_help_lists_commands_without_importing_torch():
+    code = ("import sys; from devops_cli.cli import app, main\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'deepspeed', 'peft') if m in sys.modules]\n"
+            "print(heavy)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for command in ("pt", "sft", "export", "tiny", "keys"):
+        assert f" {command} " in r.stdout
+    # commands whose issues have not landed must not pretend to exist
+    for absent in ("quantize", "eval", "chat"):
+        assert f" {absent} " not in r.stdout
+
+
+def test_help_of_a_command_does_not_import_torch():
+    code = ("import sys\nfrom devops_cli.cli import main\n"
+            "try:\n    main(['sft', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().endswith("False")
+    assert "--dry-run" in out.stdout
+
+
+def test_console_script_and_module_agree():
+    r1 = run_cli("keys")
+    script = Path(sys.executable).parent / "devops-model"  # installed by `pip install -e .`
+    r2 = subprocess.run([str(script), "keys"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert r1.returncode == 0 and "max_source_length" in r1.stdout
+    assert r2.returncode == 0 and r2.stdout == r1.stdout

@@ -1,0 +1,35 @@
+"""The tiny-model kit: a real Qwen2 model + tokenizer whose ids survive a reload."""
+
+from __future__ import annotations
+
+
+def test_tokenizer_ids_survive_reload_through_autotokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    from devops_cli.tiny import train_tokenizer
+
+    text = ("kubectl logs api-7d9f --previous | grep -i error\n容器因 OOMKilled 反复重启，检查 limits。\n"
+            "  indented\tline\r\nemoji 🚀 and ＣＪＫ full-width, ⽤ radicals\n<|im_start|>user\nhi<|im_end|>")  # fmt: skip
+    fresh = train_tokenizer()  # the same training, in memory
+    loaded = AutoTokenizer.from_pretrained(tiny_model)
+    assert type(loaded).__name__ == "Qwen2Tokenizer"  # transformers re-applies Qwen's pre-tokenizer
+    assert loaded(text)["input_ids"] == fresh(text)["input_ids"]
+    assert loaded.decode(loaded(text)["input_ids"]) == text.replace("ＣＪＫ", "ＣＪＫ")  # NFC keeps these
+
+
+def test_model_shape_size_and_chat_generation(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert model.config.model_type == "qwen2" and model.config.hidden_size >= 128
+    size = sum(f.stat().st_size for f in tiny_model.iterdir())
+    assert 1e6 < size < 20e6, size
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert set(model.generation_config.eos_token_id) == set(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+    assert torch.isfinite(model(**ids).logits).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -22,8 +23,8 @@ def info(*args, **kwargs) -> None:
 
 def warn(message: str) -> None:
     if is_rank0():
-        err_console.print(f"[yellow]warning:[/] {message}")
+        err_console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)

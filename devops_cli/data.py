@@ -225,14 +225,17 @@ def encode_sft(renderer: Renderer, messages: list[dict], max_source: int, max_ta
         if len(body) > room:
             body, truncated = body[:room], True
         prompt = pre + body + post
-        answer = ids(segs[k + 1][1])
+        text = segs[k + 1][1]
+        answer = ids(text)
         if len(answer) > max_target:
             answer, truncated = answer[:max_target], True
         if input_ids and len(input_ids) + len(prompt) + len(answer) > budget:
             truncated = True
             break
         input_ids += prompt + answer
-        labels += [IGNORE] * len(prompt) + answer
+        # an empty answer would teach the model to stop at once: it stays in context, untrained
+        empty = not text.replace(renderer.eot, "").strip()
+        labels += [IGNORE] * len(prompt) + ([IGNORE] * len(answer) if empty else answer)
     return input_ids, labels, truncated
 
 

@@ -132,7 +132,8 @@ def run(argv: list[str], log_dir: Path) -> int:
 
     from .console import fail
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    for name in ("torch.distributed.elastic", "torch.distributed.run"):  # we report failures ourselves
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("TORCHELASTIC_ERROR_FILE", str(log_dir / "error.json"))
     try:
         torchrun(parse_args(argv[1:]))

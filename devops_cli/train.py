@@ -51,8 +51,6 @@ def training_arguments(r: Recipe):
         eval_steps=r.eval_steps,
         bf16=r.bf16,
         fp16=r.fp16,
-        gradient_checkpointing=r.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if r.gradient_checkpointing else None,
         deepspeed=r.deepspeed,
         report_to=[t.strip() for t in r.report_to.split(",") if t.strip()],
         seed=r.seed,
@@ -64,6 +62,10 @@ def training_arguments(r: Recipe):
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
     )
+    # transformers 5.2x renamed gradient_checkpointing (the recipe keeps CodeFuse's name)
+    ckpt = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    kwargs[f"{ckpt}_checkpointing"] = r.gradient_checkpointing
+    kwargs[f"{ckpt}_checkpointing_kwargs"] = {"use_reentrant": False} if r.gradient_checkpointing else None
     kwargs.update(r.extra)
     return TrainingArguments(**kwargs)
 

@@ -13,14 +13,15 @@ import threading
 from pathlib import Path
 
 
-def tee_output(log: Path, console: bool) -> None:
-    """Send this process's stdout/stderr (C level too) to `log`, and also to the terminal if `console`."""
+def tee_output(log: Path, console: bool):
+    """Send this process's stdout/stderr (C level too) to `log`, and also to the terminal if `console`.
+    Returns the log file, for what belongs in the log only."""
     log.parent.mkdir(parents=True, exist_ok=True)
     f = open(log, "ab", buffering=0)
     if not console:
         for fd in (1, 2):
             os.dup2(f.fileno(), fd)
-        return
+        return f
     threads = []
     for fd in (1, 2):
         read_end, write_end = os.pipe()
@@ -45,13 +46,15 @@ def tee_output(log: Path, console: bool) -> None:
             t.join(timeout=5)
 
     atexit.register(flush)
+    return f
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", "0"))
     recipe_path = Path(argv[0])
-    tee_output(recipe_path.parent / "logs" / f"rank{rank}.log", console=rank == 0)
+    log = recipe_path.parent / "logs" / f"rank{rank}.log"
+    log_file = tee_output(log, console=rank == 0)
 
     from .console import fail
     from .errors import DevopsError
@@ -67,13 +70,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
+        import traceback
+
         import torch
 
+        sys.stdout.flush()
+        sys.stderr.flush()
+        log_file.write(traceback.format_exc().encode())  # the whole story goes to the log only
+        first = str(e).splitlines()[0] if str(e) else ""
         if isinstance(e, torch.OutOfMemoryError):
-            fail(f"[rank {rank}] out of memory: {str(e).splitlines()[0]} — lower per_device_train_batch_size or "
-                 "max_source_length, set gradient_checkpointing: true, or use configs/deepspeed/zero3-offload.json")
-            return 1
-        raise
+            fail(f"[rank {rank}] out of memory: {first} — lower per_device_train_batch_size or max_source_length, "
+                 "set gradient_checkpointing: true, or use configs/deepspeed/zero3-offload.json")
+        elif isinstance(e, torch.distributed.DistError) or "Connection closed by peer" in first:
+            fail(f"[rank {rank}] lost contact with the other workers ({type(e).__name__}); traceback in {log}")
+        else:
+            fail(f"[rank {rank}] crashed: {type(e).__name__}: {first}; traceback in {log}")
+        return 1
     return 0
 
 

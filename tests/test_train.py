@@ -65,7 +65,7 @@ def test_pt_two_workers_loss_falls_and_checkpoint_loads(pt_model):
     # one DDP job: the token count is gathered over both workers (2 x 60 steps x 8 blocks x 256 tokens)
     assert metrics["train_tokens"] == 2 * 60 * 8 * 256
     losses = _losses(pt_model)
-    assert losses[-1] < losses[0] * 0.8, losses
+    assert losses[-1] < losses[0] - 1.0, losses  # from chance level (ln 4096 = 8.3) down by > 1 nat
     assert metrics["eval_loss"] < losses[0]
     for f in ("recipe.yaml", "training_loss.png", "logs/rank0.log", "logs/rank1.log", "model.safetensors"):
         assert (pt_model / f).is_file(), f

@@ -20,15 +20,28 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST)
 
+DM   := $(PY) -m devops_cli
+DEMO := runs/demo
+
+# The whole workflow on the tiny model, from scratch in runs/demo (that folder is the demo's own).
 demo: $(STAMP)
-	$(PY) -m devops_cli demo
+	rm -rf $(DEMO)
+	$(DM) tiny $(DEMO)/tiny
+	$(DM) pt configs/tiny-pt.yaml nproc_per_node=2 model_name_or_path=$(DEMO)/tiny output_dir=$(DEMO)/pt
+	$(DM) sft configs/tiny-sft.yaml finetuning_type=lora model_name_or_path=$(DEMO)/pt output_dir=$(DEMO)/sft
+	$(DM) export --adapter $(DEMO)/sft --output $(DEMO)/sft-merged
+	@echo
+	@echo "demo outputs:"
+	@echo "  $(DEMO)/tiny        tiny Qwen2 base model + BPE tokenizer (built from the bundled corpus)"
+	@echo "  $(DEMO)/pt          continued pretraining, 2 gloo workers: model, metrics.json, training_loss.png, logs/, runs/ (tensorboard)"
+	@echo "  $(DEMO)/sft         LoRA adapter from ChatML sft on the bundled QA, with metrics.json and training_loss.png"
+	@echo "  $(DEMO)/sft-merged  the adapter merged into full weights (AutoModelForCausalLM.from_pretrained loads it)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check devops_cli tests bench
-	$(VENV)/bin/ruff format --check devops_cli tests bench
 
 bench: $(STAMP)
-	$(PY) bench/train.py
+	set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,8 +27,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-RecipeArg = Annotated[Optional[Path], typer.Argument(help="YAML recipe (configs/*.yaml)", show_default=False)]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. learning_rate=1e-5",
+RecipeArg = Annotated[Path | None, typer.Argument(help="YAML recipe (configs/*.yaml)", show_default=False)]
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. learning_rate=1e-5",
                                                           show_default=False)]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and torchrun argv; run nothing")]
 
@@ -104,7 +104,7 @@ def sft(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun =
 def export(
     adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter directory (an sft output_dir)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="where the merged model goes")],
-    model: Annotated[Optional[str], typer.Option("--model", help="base model (default: the adapter's)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="base model (default: the adapter's)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="write into a non-empty output dir")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:

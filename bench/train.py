@@ -5,7 +5,7 @@
 Every run is a real `devops-model pt|sft` launch (torchrun, gloo on CPU / nccl on GPU). Tokens/s is
 the Trainer's count of non-padding input tokens over the train loop's wall time (metrics.json), so
 start-up is excluded; the 1-worker run of each stage is the baseline the 2-worker run is compared to,
-measured in the same invocation. Packing efficiency = non-pad tokens / all tokens the model is fed.
+measured in the same invocation, alternating (1, 2, 1, 2), best of each. Packing efficiency = non-pad tokens / all tokens the model is fed.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def packing_efficiency(stage: str, model: Path, batch: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeat", type=int, default=2, help="alternating runs per configuration; the best counts")
     ap.add_argument("--keep", type=Path, help="keep the runs here instead of a temporary directory")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -63,12 +64,15 @@ def main() -> None:
     pt_model = work / "pt-1"
     rows = []
     for stage, config, model in (("pt", "tiny-pt.yaml", tiny), ("sft", "tiny-sft.yaml", pt_model)):
-        results = {}
-        for workers in (1, 2):
-            out = work / f"{stage}-{workers}"
-            m = launch(stage, config, out, f"model_name_or_path={model}", f"nproc_per_node={workers}",
-                       f"max_steps={args.steps}", "overwrite_output_dir=true")
-            results[workers] = m
+        results: dict[int, dict] = {}
+        for _ in range(args.repeat):  # 1, 2, 1, 2 ...: alternate so both see the same machine noise
+            for workers in (1, 2):
+                out = work / f"{stage}-{workers}"
+                m = launch(stage, config, out, f"model_name_or_path={model}", f"nproc_per_node={workers}",
+                           f"max_steps={args.steps}", "overwrite_output_dir=true")
+                if workers not in results or m["train_tokens_per_second"] > results[workers]["train_tokens_per_second"]:
+                    results[workers] = m  # best of the repeats: the least disturbed run
+        for workers, m in results.items():
             rows.append((stage, workers, m["train_tokens_per_second"], m["train_tokens"], m["train_runtime"], m["wall"]))
         base = results[1]["train_tokens_per_second"]
         rows.append((stage, "2 vs 1", results[2]["train_tokens_per_second"] / base, None, None, None))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from .console import console, fail, info, warn
 from .errors import DevopsError
@@ -63,9 +64,9 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
     tmp = out / f".recipe.yaml.{os.getpid()}"  # atomic: other nodes may read it on a shared disk
     tmp.write_text(recipe.dump(r, f"from {source}\n{launch.display(argv)}"), encoding="utf-8")
     tmp.replace(out / "recipe.yaml")
-    info(f"[bold]{stage}[/] → {out}  ({plan.describe()})")
+    info(f"[bold]{stage}[/] → {escape(str(out))}  ({escape(plan.describe())})")
     if resume is not None:
-        info(f"resuming from {resume}")
+        info(f"resuming from {escape(str(resume))}")
     launch.env_for_workers()
     code = launch.run(argv, out / "logs")
     if code == 0 and plan.node_rank == 0:
@@ -85,7 +86,7 @@ def _summary(out: Path) -> None:
     if "eval_loss" in m:
         parts.append(f"eval loss {m['eval_loss']:.4f}")
     parts.append(f"{m.get('train_tokens_per_second', 0):.0f} tokens/s")
-    console.print(f"[green]done[/]: {', '.join(parts)} → {out}  (metrics.json, logs/, runs/)")
+    console.print(f"[green]done[/]: {', '.join(parts)} → {escape(str(out))}  (metrics.json, logs/, runs/)")
 
 
 @app.command()
@@ -115,7 +116,7 @@ def export(
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise DevopsError(f"'{output}' exists and is not empty", hint="choose another --output or pass --overwrite")
     merge_adapter(adapter, output, base, trust_remote_code)
-    console.print(f"[green]merged[/] {adapter} into {base} → {output}")
+    console.print(f"[green]merged[/] {escape(str(adapter))} into {escape(base)} → {escape(str(output))}")
 
 
 @app.command()
@@ -133,7 +134,7 @@ def tiny(
     out = build(output, hidden_size=hidden_size, num_layers=layers, vocab_size=vocab_size, seed=seed,
                 overwrite=overwrite)
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
-    console.print(f"[green]tiny model[/] → {out} ({size:.1f} MB)")
+    console.print(f"[green]tiny model[/] → {escape(str(out))} ({size:.1f} MB)")
 
 
 @app.command()
@@ -152,6 +153,15 @@ def keys() -> None:
         table.add_row(f.name, default, f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else ""))
     console.print(table)
     console.print("Any other transformers.TrainingArguments field passes through, checked for type.")
+
+
+from .chat_cmd import chat  # noqa: E402
+app.command("chat")(chat)
+
+
+from .eval_cmd import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
 
 
 def main(argv: list[str] | None = None) -> None:

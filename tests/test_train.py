@@ -79,7 +79,8 @@ def test_pt_two_workers_loss_falls_and_checkpoint_loads(pt_model):
 def test_sft_variants_load_and_generate(variant, pt_model, tmp_path):
     out = tmp_path / variant
     extra = {"full": [], "lora": ["finetuning_type=lora"], "zero3": [f"deepspeed={ROOT}/configs/deepspeed/zero3.json"]}
-    r = _ok(run_cli("sft", TINY_SFT, f"model_name_or_path={pt_model}", f"output_dir={out}", *extra[variant]))
+    r = _ok(run_cli("sft", TINY_SFT, f"model_name_or_path={pt_model}", f"output_dir={out}", "max_steps=20",
+                    *extra[variant]))
     assert "done" in r.stdout
     losses = _losses(out)
     assert losses[-1] < losses[0], losses
@@ -159,7 +160,7 @@ def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: fl
 def test_kill_9_of_a_worker_names_the_rank_and_a_rerun_resumes(tiny_model, tmp_path):
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "devops_cli", "pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={out}",
-            "nproc_per_node=2", "max_steps=400", "save_steps=10", "eval_steps=1000", "logging_steps=10"]
+            "nproc_per_node=2", "max_steps=100", "save_steps=20", "eval_steps=1000", "logging_steps=10"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(out, "checkpoint-*", proc)
     os.kill(_worker_pid(1), signal.SIGKILL)
@@ -172,7 +173,7 @@ def test_kill_9_of_a_worker_names_the_rank_and_a_rerun_resumes(tiny_model, tmp_p
     r = _ok(subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600))
     assert "resuming from" in r.stdout
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 400
+    assert state["global_step"] == 100
     assert json.loads((out / "metrics.json").read_text())["resumed_from"].startswith(str(out / "checkpoint-"))
 
 

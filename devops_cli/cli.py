@@ -155,15 +155,6 @@ def keys() -> None:
     console.print("Any other transformers.TrainingArguments field passes through, checked for type.")
 
 
-from .chat_cmd import chat  # noqa: E402
-app.command("chat")(chat)
-
-
-from .eval_cmd import eval_command  # noqa: E402
-
-app.command("eval")(eval_command)
-
-
 def main(argv: list[str] | None = None) -> None:
     import click
 

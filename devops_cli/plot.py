@@ -19,11 +19,11 @@ def plot_loss(log_history: list[dict], path: Path) -> Path | None:
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="#9ecae1", label="train loss")
-        smooth, ema = [], losses[0]
-        for x in losses:  # exponential moving average, as TensorBoard's smoothing
-            ema = 0.9 * ema + 0.1 * x
-            smooth.append(ema)
-        if len(losses) > 5:
+        smooth, ema, w = [], 0.0, 0.8
+        for t, x in enumerate(losses, 1):  # debiased exponential moving average, as TensorBoard smooths
+            ema = w * ema + (1 - w) * x
+            smooth.append(ema / (1 - w**t))
+        if len(losses) > 20:  # a short run reads better raw
             ax.plot(steps, smooth, color="#08519c", label="train loss (smoothed)")
     if evals:
         ax.plot(*zip(*evals), "o-", color="#e6550d", label="eval loss")

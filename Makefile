@@ -28,7 +28,7 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(DM) tiny $(DEMO)/tiny
 	$(DM) pt configs/tiny-pt.yaml nproc_per_node=2 model_name_or_path=$(DEMO)/tiny output_dir=$(DEMO)/pt
-	$(DM) sft configs/tiny-sft.yaml finetuning_type=lora model_name_or_path=$(DEMO)/pt output_dir=$(DEMO)/sft
+	$(DM) sft configs/tiny-sft.yaml finetuning_type=lora learning_rate=5e-3 model_name_or_path=$(DEMO)/pt output_dir=$(DEMO)/sft
 	$(DM) export --adapter $(DEMO)/sft --output $(DEMO)/sft-merged
 	@echo
 	@echo "demo outputs:"

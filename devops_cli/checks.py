@@ -80,8 +80,16 @@ def check(r: Recipe) -> tuple[list[str], Path | None]:
                 model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
             except json.JSONDecodeError as e:
                 bad("model_name_or_path", f"{config}:{e.lineno}: invalid JSON in config.json")
-    elif HUB_ID.match(r.model_name_or_path):
-        warnings.append(f"model '{r.model_name_or_path}' is not a local directory: it will be fetched from the hub")
+    elif HUB_ID.match(r.model_name_or_path) and not Path(r.model_name_or_path.split("/")[0]).is_dir():
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(r.model_name_or_path, "config.json"), str):
+            if constants.HF_HUB_OFFLINE:
+                bad("model_name_or_path", f"'{r.model_name_or_path}' is neither a local directory nor in the hub cache, "
+                    "and HF_HUB_OFFLINE is set", "download it first or point at a local directory")
+            else:
+                warnings.append(f"model '{r.model_name_or_path}' is not a local directory: it will be downloaded from "
+                                "the hub (if you meant a local path, it does not exist)")
     else:
         hint = "build the tiny demo model with `devops-model tiny runs/tiny`" if "tiny" in str(path) else "check the path"
         bad("model_name_or_path", f"model directory '{path}' does not exist", hint)

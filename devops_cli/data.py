@@ -67,7 +67,7 @@ def _to_text(entry):
     return fn
 
 
-def _to_messages(entry, recipe: Recipe):
+def _to_messages(entry):
     """Map an alpaca (prompt/query/response/history) or sharegpt (messages) record to messages."""
     c, tags = entry.columns, entry.tags
     roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
@@ -111,7 +111,7 @@ def load_all(recipe: Recipe, num_proc: int | None):
         if recipe.stage == "pt":
             fn, kwargs = _to_text(entry), {}
         else:
-            fn, kwargs = _to_messages(entry, recipe), {"with_indices": True}
+            fn, kwargs = _to_messages(entry), {"with_indices": True}
         parts.append(ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
                             desc=f"reading {name}", **kwargs))
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]

@@ -134,7 +134,6 @@ def run(argv: list[str], log_dir: Path) -> int:
 
     for name in ("torch.distributed.elastic", "torch.distributed.run"):  # we report failures ourselves
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    os.environ.setdefault("TORCHELASTIC_ERROR_FILE", str(log_dir / "error.json"))
     try:
         torchrun(parse_args(argv[1:]))
     except ChildFailedError as e:

@@ -140,7 +140,10 @@ def run(argv: list[str], log_dir: Path) -> int:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
         if code < 0:
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             fail(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) was killed by {name}; "
                  f"its log: {log_dir / f'rank{rank}.log'}")
             return 128 - code

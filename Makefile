@@ -36,6 +36,12 @@ demo: $(STAMP)
 	@echo "  $(DEMO)/pt          continued pretraining, 2 gloo workers: model, metrics.json, training_loss.png, logs/, runs/ (tensorboard)"
 	@echo "  $(DEMO)/sft         LoRA adapter from ChatML sft on the bundled QA, with metrics.json and training_loss.png"
 	@echo "  $(DEMO)/sft-merged  the adapter merged into full weights (AutoModelForCausalLM.from_pretrained loads it)"
+	@# eval: the sft adapter (chat on: an sft output) if present, else the tiny model; the bundled sample
+	@# exam always, the real 574-question DevOps exam when ../shared/data/devops-exam is there
+	m="--model $(DEMO)/tiny"; [ -f $(DEMO)/sft/adapter_config.json ] && m="--model $(DEMO)/pt --adapter $(DEMO)/sft"; \
+	$(DM) eval $$m --data-dir devops_cli/assets/exam --subjects all --shots 5 --output $(DEMO)/eval/sample-5shot.json && \
+	if [ -d ../shared/data/devops-exam ]; then \
+	  $(DM) eval $$m --data-dir ../shared/data/devops-exam --shots 5 --output $(DEMO)/eval/devops-exam-5shot.json; fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check devops_cli tests bench

@@ -155,6 +155,11 @@ def keys() -> None:
     console.print("Any other transformers.TrainingArguments field passes through, checked for type.")
 
 
+from .eval_cmd import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
+
+
 def main(argv: list[str] | None = None) -> None:
     import click
 

@@ -1,0 +1,101 @@
+"""The `eval` command: flags, or an eval recipe (configs/eval.yaml) whose keys are the flags' names
+with underscores; flags given on the command line win. No torch import at module level."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import DevopsError, DevopsErrors
+
+Opt = typer.Option
+
+
+def eval_command(
+    recipe: Annotated[Path | None, typer.Argument(help="eval recipe (configs/eval.yaml); flags override its keys",
+                                                     show_default=False)] = None,
+    model: Annotated[str | None, Opt("--model", "-m", help="model directory or hub id", show_default=False)] = None,
+    shots: Annotated[int | None, Opt("--shots", "-k", help="exemplars per question, 0-5 (default: 0)",
+                                        show_default=False)] = None,
+    data_dir: Annotated[Path | None, Opt("--data-dir", help="CSVs in CMMLU/C-Eval layout (default: the hub datasets)",
+                                            show_default=False)] = None,
+    subjects: Annotated[str | None, Opt("--subjects", help="a,b | all (default: the six DevOps exam subjects)",
+                                           show_default=False)] = None,
+    protocol: Annotated[str | None, Opt("--protocol", help="devops-eval | cmmlu | ceval | lm-eval (default: devops-eval)",
+                                           show_default=False)] = None,
+    chat: Annotated[bool | None, Opt("--chat/--no-chat", help="ChatML prompt (default: on for chat models)",
+                                        show_default=False)] = None,
+    system: Annotated[str | None, Opt("--system", help="system message for --chat", show_default=False)] = None,
+    adapter: Annotated[Path | None, Opt("--adapter", help="LoRA adapter directory", show_default=False)] = None,
+    batch_size: Annotated[str | None, Opt("--batch-size", help="N | auto (default: auto)", show_default=False)] = None,
+    dtype: Annotated[str | None, Opt("--dtype", help="auto | float32 | bfloat16 | float16 (default: auto)",
+                                        show_default=False)] = None,
+    device: Annotated[str | None, Opt("--device", help="auto | cpu | cuda[:N] (default: auto)", show_default=False)] = None,
+    output: Annotated[Path | None, Opt("--output", "-o", help="results JSON (default: runs/eval/<model>-<protocol>-<k>shot.json)",
+                                          show_default=False)] = None,
+    limit: Annotated[int | None, Opt("--limit", help="score only the first N questions of each subject",
+                                        show_default=False)] = None,
+    trust_remote_code: Annotated[bool, Opt("--trust-remote-code", help="run the model's own Python code")] = False,
+) -> None:
+    """The 574-question DevOps exam, 0-5 shots, first-token scoring: [bold]devops-model eval --model PATH --shots 5[/]"""
+    from . import evaluate
+    from .console import console
+
+    flags = {"model": model, "shots": shots, "data_dir": data_dir, "subjects": subjects, "protocol": protocol,
+             "chat": chat, "system": system, "adapter": adapter, "batch_size": batch_size, "dtype": dtype,
+             "device": device, "output": output, "limit": limit, "trust_remote_code": trust_remote_code or None}  # fmt: skip
+    values, origin = read_recipe(recipe) if recipe is not None else ({}, {})
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = str(value) if isinstance(value, Path) else value
+            origin.pop(key, None)
+    options = evaluate.EvalOptions(**values)
+
+    def where(flag: str) -> str:
+        return origin.get(flag.lstrip("-").replace("-", "_"), flag)
+
+    result = evaluate.run(options, where)
+    path = evaluate.write(result, Path(options.output) if options.output else evaluate.default_output(options))
+    console.print(evaluate.table(result))
+    t = result["timings"]
+    console.print(f"[green]done[/]: {result['overall']['correct']}/{result['overall']['n']} correct, "
+                  f"{t['questions_per_s']:.1f} questions/s, {t['total_s']:.1f} s → {path}")  # fmt: skip
+
+
+def read_recipe(path: Path) -> tuple[dict, dict]:
+    """An eval recipe: keys are the flags' names (model_name_or_path works for model). Read with the
+    recipe loader's YAML reader, so errors name file:line."""
+    from .recipe import _did_you_mean, _read_yaml, coerce
+
+    data, lines = _read_yaml(path)
+    fields = {f.name: f for f in dataclasses.fields(_options_class())}
+    types = {"shots": (int,), "limit": (int, type(None)), "chat": (bool, type(None)), "trust_remote_code": (bool,),
+             "batch_size": (str, int)}  # fmt: skip
+    values, origin, errors = {}, {}, []
+    for key, value in data.items():
+        where = f"{path}:{lines.get(key, 1)}"
+        name = "model" if key == "model_name_or_path" else key
+        if name not in fields:
+            hint = _did_you_mean(str(key), fields) or f"keys: {', '.join(fields)}"
+            errors.append(DevopsError(f"unknown key '{key}'", where, hint))
+            continue
+        allowed = types.get(name, (str, type(None)))
+        try:
+            value = coerce(value, allowed)
+        except ValueError:
+            errors.append(DevopsError(f"{key} expects {' or '.join(t.__name__ for t in allowed)}, got {value!r}", where))
+            continue
+        values[name] = str(value) if name == "batch_size" else value
+        origin[name] = f"{where} ({key})"
+    if errors:
+        raise DevopsErrors(errors)
+    return values, origin
+
+
+def _options_class():
+    from .evaluate import EvalOptions
+
+    return EvalOptions

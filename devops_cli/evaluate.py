@@ -1,0 +1,257 @@
+"""`devops-model eval`: the DevOps exam, top to bottom.
+
+    options -> exam (exam.py) -> tokenizer, chat on/off -> prompts (prompts.py) -> model
+            -> batched first-token scoring with shared-prefix KV reuse (scoring.py) -> table + JSON
+
+Every check the user can fail (flags, CSVs, subjects, shots, option tokens) runs before the model
+loads. torch is imported only once scoring is about to start.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import __version__, prompts
+from .console import console, info
+from .errors import DevopsError
+from .exam import LETTERS, Subject, load_hub, load_local
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_SHOTS = 5
+
+
+@dataclass
+class EvalOptions:
+    model: str | None = None
+    shots: int = 0
+    data_dir: str | None = None  # None: the hub datasets of the notes
+    subjects: str | None = None  # None: the six DevOps exam subjects; "all"; "a,b"
+    protocol: str = "devops-eval"
+    chat: bool | None = None  # None: on for chat models whose tokenizer has a chat template
+    system: str | None = None
+    adapter: str | None = None
+    batch_size: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    output: str | None = None  # None: runs/eval/<model>-<protocol>-<k>shot.json
+    limit: int | None = None
+    trust_remote_code: bool = False
+
+
+def check(o: EvalOptions, where=lambda flag: flag) -> None:
+    """Flag checks; `where(flag)` names the flag or the recipe line it came from."""
+    if not o.model:
+        raise DevopsError("no model given", where("--model"), "pass --model PATH_OR_HUB_ID")
+    if not 0 <= o.shots <= MAX_SHOTS:
+        raise DevopsError(f"{o.shots} shots is out of range", where("--shots"),
+                          f"choose 0 to {MAX_SHOTS} (the dev split holds {MAX_SHOTS} exemplars per subject)")
+    if o.protocol not in prompts.PROTOCOLS:
+        raise DevopsError(f"'{o.protocol}' is not a protocol", where("--protocol"), f"choose {' | '.join(prompts.PROTOCOLS)}")
+    if o.batch_size != "auto" and not (str(o.batch_size).isdigit() and int(o.batch_size) >= 1):
+        raise DevopsError(f"batch size '{o.batch_size}' is not a positive integer", where("--batch-size"), "use N >= 1 or auto")
+    if o.dtype not in DTYPES:
+        raise DevopsError(f"'{o.dtype}' is not a dtype", where("--dtype"), f"choose {' | '.join(DTYPES)}")
+    if o.limit is not None and o.limit < 1:
+        raise DevopsError(f"limit {o.limit} must be >= 1", where("--limit"))
+    if o.adapter and not (Path(o.adapter) / "adapter_config.json").is_file():
+        raise DevopsError(f"'{o.adapter}' has no adapter_config.json", where("--adapter"), "pass a LoRA sft output_dir")
+
+
+def load_exam(o: EvalOptions) -> list[Subject]:
+    subjects = load_local(Path(o.data_dir), o.subjects, o.shots) if o.data_dir else load_hub(o.subjects, o.shots)
+    if o.limit:
+        for s in subjects:
+            s.test = s.test[: o.limit]
+    return subjects
+
+
+def chat_default(tokenizer, o: EvalOptions) -> tuple[bool, str]:
+    """(chat on?, why). On when the tokenizer has a chat template and the model is a chat model: its
+    name says chat/instruct, or it is an `sft` output of this tool (recipe.yaml says stage: sft)."""
+    if o.chat is not None:
+        return o.chat, "--chat" if o.chat else "--no-chat"
+    if not getattr(tokenizer, "chat_template", None):
+        return False, "the tokenizer has no chat template"
+    for source in filter(None, (o.adapter, o.model)):
+        if re.search(r"chat|instruct", Path(source).name, re.IGNORECASE):
+            return True, f"'{Path(source).name}' names a chat model"
+        recipe = Path(source) / "recipe.yaml"
+        if recipe.is_file() and re.search(r"^stage:\s*sft\b", recipe.read_text(encoding="utf-8"), re.MULTILINE):
+            return True, f"{recipe} says stage: sft"
+    return False, "base model: no chat/instruct in its name, not an sft output"
+
+
+def encode_all(tokenizer, o: EvalOptions, subjects: list[Subject], chat: bool):
+    """Token ids of every prompt, a grouping key per prompt (its few-shot block), and the records."""
+    ids, keys, records = [], [], []
+    special = prompts.add_special(o.protocol)
+    for s in subjects:
+        chosen = list(range(o.shots))
+        for q in s.test:
+            shots = chosen
+            text = prompts.build(o.protocol, s, q, o.shots)
+            if o.protocol == "cmmlu" and o.shots:  # CMMLU's harness: drop the longest exemplars past 2048
+                shots = _fit_cmmlu(tokenizer, s, q, chosen)
+                text = prompts.build(o.protocol, s, q, o.shots, shots)
+            if chat:
+                system, user = prompts.split_system(o.protocol, s, text, o.system)
+                ids.append(prompts.encode_chat(tokenizer, system, user))
+            else:
+                ids.append(tokenizer.encode(text, add_special_tokens=special))
+            keys.append((s.name, tuple(shots)))
+            records.append({"subject": s.name, "id": q.id, "gold": q.answer, "text": text})
+    return ids, keys, records
+
+
+def _fit_cmmlu(tokenizer, s: Subject, q, chosen: list[int]) -> list[int]:
+    def n(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    base = n(prompts.header("cmmlu", s)) + n(prompts.item("cmmlu", q))
+    sizes = {i: n(prompts.exemplar("cmmlu", s, s.dev[i])) for i in chosen}
+    kept = list(chosen)
+    while kept and base + sum(sizes[i] for i in kept) > prompts.CMMLU_MAX_TOKENS:
+        kept.remove(max(kept, key=lambda i: sizes[i]))
+    return kept
+
+
+def check_lm_eval_split(tokenizer, ids: list[list[int]], records: list[dict], options: list[str], opt_ids, name: str):
+    """lm-eval scores enc(context + " A")[len(enc(context)):]; first-token scoring equals it only when
+    that is exactly the one option token."""
+    for r, context in zip(records, ids):
+        for s, oid in zip(options, opt_ids):
+            whole = tokenizer.encode(r["text"] + s, add_special_tokens=False)
+            if whole != context + [oid]:
+                raise DevopsError(f"the tokenizer of '{name}' merges the option {s!r} into the prompt of "
+                                  f"{r['subject']} question {r['id']}", hint="lm-eval would score several tokens; "
+                                  "use --protocol devops-eval")  # fmt: skip
+
+
+def load_scoring_model(o: EvalOptions):
+    import torch
+
+    from .modeling import load_model
+
+    device = o.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = o.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise DevopsError(f"'{device}' is not a device", "--device", "use cpu, cuda, cuda:1 or auto") from None
+    model = load_model(o.model, getattr(torch, dtype), o.trust_remote_code)
+    if o.adapter:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, o.adapter).merge_and_unload()
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise DevopsError(f"adapter '{o.adapter}' does not fit '{o.model}': {str(e).splitlines()[0]}") from None
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as e:
+        raise DevopsError(f"cannot use device '{device}': {str(e).splitlines()[0]}", "--device") from None
+    return model.eval(), device, dtype
+
+
+def run(o: EvalOptions, where=lambda flag: flag) -> dict:
+    t0 = time.perf_counter()
+    check(o, where)
+    subjects = load_exam(o)
+    from .modeling import load_tokenizer
+
+    tok_source = o.adapter if o.adapter and (Path(o.adapter) / "tokenizer_config.json").is_file() else o.model
+    tokenizer = load_tokenizer(tok_source, trust_remote_code=o.trust_remote_code)
+    chat, why = chat_default(tokenizer, o)
+    option_strings = prompts.option_strings(o.protocol, chat)
+    opt_ids = prompts.option_ids(tokenizer, option_strings, tok_source)
+    ids, keys, records = encode_all(tokenizer, o, subjects, chat)
+    if o.protocol == "lm-eval" and not chat:
+        check_lm_eval_split(tokenizer, ids, records, option_strings, opt_ids, tok_source)
+    n = len(ids)
+    info(f"[bold]eval[/] {o.model}{' + ' + o.adapter if o.adapter else ''}: {n} questions, {len(subjects)} subjects, "
+         f"{o.shots}-shot, protocol {o.protocol}, chat {'on' if chat else 'off'} ({why})")
+    t1 = time.perf_counter()
+    model, device, dtype = load_scoring_model(o)
+    t2 = time.perf_counter()
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .scoring import Scorer, predict
+
+    scorer = Scorer(model, opt_ids)
+    batch = None if o.batch_size == "auto" else int(o.batch_size)
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:  # fmt: skip
+        task = bar.add_task("scoring", total=n)
+        logits = scorer.score(ids, keys, batch, on_done=lambda k: bar.advance(task, k))
+    t3 = time.perf_counter()
+    predicted = predict(logits)
+    for r, p, row in zip(records, predicted, logits.tolist()):
+        r.pop("text")
+        r["predicted"] = LETTERS[p]
+        r["correct"] = r["predicted"] == r["gold"]
+        r["logits"] = [round(x, 6) for x in row]
+    return summarise(o, subjects, records, chat, why, option_strings, device, dtype, batch,
+                     {"prepare_s": t1 - t0, "load_model_s": t2 - t1, "score_s": t3 - t2,
+                      "total_s": time.perf_counter() - t0, "questions_per_s": n / max(t3 - t2, 1e-9),
+                      "tokens_scored": sum(map(len, ids))})  # fmt: skip
+
+
+def summarise(o, subjects, records, chat, why, option_strings, device, dtype, batch, timings) -> dict:
+    import torch
+    import transformers
+
+    per = {}
+    for s in subjects:
+        rs = [r for r in records if r["subject"] == s.name]
+        correct = sum(r["correct"] for r in rs)
+        per[s.name] = {"source": s.test_file, "n": len(rs), "correct": correct, "accuracy": 100 * correct / len(rs)}
+    n, correct = len(records), sum(r["correct"] for r in records)
+    return {
+        "model": o.model, "adapter": o.adapter, "protocol": o.protocol, "shots": o.shots, "chat": chat,
+        "chat_reason": why, "system": (o.system or prompts.DEVOPS_SYSTEM) if chat else None,
+        "options_scored": option_strings, "data": o.data_dir or "hub", "device": device, "dtype": dtype,
+        "batch_size": batch or "auto", "subjects": per,
+        "overall": {"n": n, "correct": correct, "accuracy_micro": 100 * correct / n,
+                    "accuracy_macro": sum(v["accuracy"] for v in per.values()) / len(per)},
+        "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()},
+        "versions": {"devops_model": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "options": asdict(o), "questions": records,
+    }  # fmt: skip
+
+
+def default_output(o: EvalOptions) -> Path:
+    name = Path(o.adapter or o.model.rstrip("/")).name or "model"
+    return Path("runs") / "eval" / f"{name}-{o.protocol}-{o.shots}shot.json"
+
+
+def write(result: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def table(result: dict):
+    from rich.table import Table
+
+    t = Table("subject", "n", "correct", "accuracy", header_style="bold",
+              title=f"{result['model']} · {result['protocol']} · {result['shots']}-shot · chat {'on' if result['chat'] else 'off'}")  # fmt: skip
+    for name, v in result["subjects"].items():
+        t.add_row(name, str(v["n"]), str(v["correct"]), f"{v['accuracy']:.2f}")
+    o = result["overall"]
+    t.add_section()
+    t.add_row("[bold]overall (micro)[/]", str(o["n"]), str(o["correct"]), f"[bold]{o['accuracy_micro']:.2f}[/]")
+    t.add_row("overall (macro)", "", "", f"{o['accuracy_macro']:.2f}")
+    return t

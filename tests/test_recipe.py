@@ -12,7 +12,8 @@ from conftest import ROOT, run_cli
 from devops_cli import checks, recipe
 from devops_cli.errors import DevopsError, DevopsErrors
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# training recipes (eval.yaml and other commands' recipes are checked by those commands' tests)
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "stage" in yaml.safe_load(p.read_text()))
 
 
 def test_configs_exist():

@@ -42,6 +42,9 @@ demo: $(STAMP)
 	$(DM) eval $$m --data-dir devops_cli/assets/exam --subjects all --shots 5 --output $(DEMO)/eval/sample-5shot.json && \
 	if [ -d ../shared/data/devops-exam ]; then \
 	  $(DM) eval $$m --data-dir ../shared/data/devops-exam --shots 5 --output $(DEMO)/eval/devops-exam-5shot.json; fi
+	@echo; echo "chat, one-shot, with the sft model (a tiny model trained for seconds: expect rough text):"
+	$(DM) chat --model $(DEMO)/sft-merged --prompt "How do I find out why a pod keeps restarting?" \
+	  --max-new-tokens 64 --seed 0
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check devops_cli tests bench

@@ -155,9 +155,12 @@ def keys() -> None:
     console.print("Any other transformers.TrainingArguments field passes through, checked for type.")
 
 
+# Commands that live in modules of their own (none imports torch at import time).
+from .chat_cmd import chat  # noqa: E402
 from .eval_cmd import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)
+app.command("chat")(chat)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,7 +135,7 @@ def check_lm_eval_split(tokenizer, ids: list[list[int]], records: list[dict], op
 def load_scoring_model(o: EvalOptions):
     import torch
 
-    from .modeling import load_model
+    from .modeling import apply_adapter, load_model
 
     device = o.device
     if device == "auto":
@@ -149,12 +149,7 @@ def load_scoring_model(o: EvalOptions):
         raise DevopsError(f"'{device}' is not a device", "--device", "use cpu, cuda, cuda:1 or auto") from None
     model = load_model(o.model, getattr(torch, dtype), o.trust_remote_code)
     if o.adapter:
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(model, o.adapter).merge_and_unload()
-        except (ValueError, RuntimeError, KeyError) as e:
-            raise DevopsError(f"adapter '{o.adapter}' does not fit '{o.model}': {str(e).splitlines()[0]}") from None
+        model = apply_adapter(model, o.adapter, o.model)
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as e:

@@ -79,18 +79,26 @@ def adapter_base(adapter_dir: Path) -> str:
     return base
 
 
+def apply_adapter(model, adapter_dir: str | Path, base: str):
+    """model with a LoRA adapter merged in (generation then runs at the base model's speed)."""
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
+        raise DevopsError(f"adapter '{adapter_dir}' does not fit model '{base}': {detail[:300]}",
+                          hint="pass the base model the adapter was trained on") from None
+    return model.merge_and_unload()
+
+
 def merge_adapter(adapter_dir: Path, output: Path, base: str | None = None, trust_remote_code: bool = False) -> Path:
     """Base model + LoRA adapter -> full weights (safetensors) + tokenizer, loadable with from_pretrained."""
     import torch
-    from peft import PeftModel
 
     base = base or adapter_base(adapter_dir)
-    model = load_model(base, torch.float32, trust_remote_code)
-    try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise DevopsError(f"adapter '{adapter_dir}' does not fit base '{base}': {str(e).splitlines()[0]}") from None
-    merged = model.merge_and_unload()
+    merged = apply_adapter(load_model(base, torch.float32, trust_remote_code), adapter_dir, base)
     merged.save_pretrained(output)
     tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
     load_tokenizer(str(tok_dir), trust_remote_code=trust_remote_code).save_pretrained(output)

@@ -1,0 +1,380 @@
+"""ChatSession: the conversation (system prompt, turns, generation settings), the window that decides
+which turns the model still sees, and streaming generation. No terminal code here: the REPL
+(repl.py) and the one-shot command (chat_cmd.py) are front ends over the same session.
+
+Prompts follow Qwen v1's `model.chat`: the tokenizer's chat template renders the conversation, and
+each message's content is encoded with special tokens split, so a literal `<|im_end|>` in a pasted
+log stays text instead of ending the turn. When system + kept turns + the new message exceed the
+window, the oldest turns leave the window (they stay in the transcript) and the caller is told.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from .errors import DevopsError
+
+# name -> (type, check, what the check means); the only names /set and the options accept
+SETTINGS = {
+    "temperature": (float, lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    "repetition_penalty": (float, lambda v: v > 0, "a number > 0 (1 = off)"),
+    "max_new_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
+    "min_new_tokens": (int, lambda v: v >= 0, "an integer >= 0"),
+    "do_sample": (bool, lambda v: True, "on or off"),
+}
+_FRAME = 0.02  # seconds between text updates while streaming
+_FROM_CONFIG = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+
+
+def parse_setting(name: str, text: str):
+    """'0.7' -> 0.7 for temperature, 'off' -> False for do_sample; DevopsError with the rule otherwise."""
+    if name not in SETTINGS:
+        import difflib
+
+        close = difflib.get_close_matches(name, [*SETTINGS, "seed", "max_window"], n=1)
+        raise DevopsError(f"unknown setting '{name}'", hint=f"did you mean {close[0]}?" if close else
+                          f"one of: {', '.join([*SETTINGS, 'seed', 'max_window'])}")
+    kind, check, rule = SETTINGS[name]
+    try:
+        if kind is bool:
+            if text.lower() not in ("on", "off", "true", "false", "1", "0"):
+                raise ValueError
+            value = text.lower() in ("on", "true", "1")
+        else:
+            value = kind(text)
+    except ValueError:
+        raise DevopsError(f"{name} must be {rule}, got '{text}'") from None
+    if not check(value):
+        raise DevopsError(f"{name} must be {rule}, got '{text}'")
+    return value
+
+
+def settings_from(generation_config, overrides: dict) -> dict:
+    """Defaults from the model's generation_config, then the user's overrides (None = not given)."""
+    settings = {}
+    for name in _FROM_CONFIG:
+        value = getattr(generation_config, name, None)
+        if value is not None:
+            settings[name] = value
+    settings.setdefault("max_new_tokens", 512)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("temperature") is not None:  # a temperature given means: sample (0 means greedy)
+        settings["do_sample"] = overrides["temperature"] > 0
+    return settings
+
+
+@dataclass
+class Turn:
+    user: str
+    assistant: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    stopped: bool = False  # the user interrupted the reply
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    first_token_seconds: float | None
+    dropped: int = 0  # turns that left the window for this reply
+    stopped: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class _QueueStreamer:
+    """transformers streamer that only hands token ids to the consumer; decoding happens off the
+    generation thread so streaming costs the decode loop as little as possible."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self.done = threading.Event()
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.queue.put(None)
+        self.done.set()
+
+
+@dataclass
+class ChatSession:
+    model: object
+    tokenizer: object
+    model_name: str
+    settings: dict
+    system: str
+    seed: int | None = None
+    max_window: int | None = None  # prompt tokens the model may see; None = context - max_new_tokens
+    adapter: str | None = None
+    turns: list[Turn] = field(default_factory=list)
+    first_in_window: int = 0  # turns before this index have left the window
+    last_prompt: str = ""
+    last_prompt_tokens: int = 0
+    _executor: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        import torch
+
+        if self.seed is None:
+            self.seed = random.randrange(2**31)
+        torch.manual_seed(self.seed)
+        tok = self.tokenizer
+        ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
+        ids.update(_as_list(tok.eos_token_id))
+        for special in ("<|im_end|>", "<|im_start|>", "<|endoftext|>"):
+            if special in (tok.chat_template or "") or special == tok.eos_token:
+                token_id = tok.convert_tokens_to_ids(special)
+                if isinstance(token_id, int) and token_id != tok.unk_token_id:
+                    ids.add(token_id)
+        self.stop_ids = sorted(i for i in ids if i is not None)
+        config = self.model.config
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None) or 2048
+
+    # --- settings --------------------------------------------------------------------------------
+    def window(self) -> int:
+        if self.max_window:
+            return self.max_window
+        return max(self.context - self.settings["max_new_tokens"], self.context // 2)
+
+    def set(self, name: str, text: str) -> str:
+        """/set NAME VALUE; returns what changed, as a line for the user."""
+        if name == "seed":
+            import torch
+
+            try:
+                self.seed = int(text)
+            except ValueError:
+                raise DevopsError(f"seed must be an integer, got '{text}'") from None
+            torch.manual_seed(self.seed)
+            return f"seed = {self.seed}"
+        if name == "max_window":
+            try:
+                value = int(text)
+            except ValueError:
+                value = 0
+            if value < 16:
+                raise DevopsError(f"max_window must be an integer >= 16, got '{text}'")
+            self.max_window = value
+            return f"max_window = {value} tokens"
+        value = parse_setting(name, text)
+        self.settings[name] = value
+        if name == "temperature":
+            self.settings["do_sample"] = value > 0
+            return f"temperature = {value} ({'sampling' if value > 0 else 'greedy'})"
+        return f"{name} = {value}"
+
+    def describe(self) -> dict:
+        return {**self.settings, "seed": self.seed, "max_window": self.window()}
+
+    # --- prompt ----------------------------------------------------------------------------------
+    def messages(self, user: str, start: int | None = None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for turn in self.turns[self.first_in_window if start is None else start:]:
+            msgs += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
+        return msgs + [{"role": "user", "content": user}]
+
+    def encode(self, messages: list[dict]) -> tuple[str, list[int]]:
+        """Rendered prompt text and its ids: template text encoded normally, message content with
+        special tokens split (Qwen v1 encodes role, newline and content separately the same way)."""
+        tok = self.tokenizer
+        marks = [f"\x00{i}\x00" for i in range(len(messages))]
+        masked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+        try:
+            skeleton = tok.apply_chat_template(masked, tokenize=False, add_generation_prompt=True)
+            if not all(skeleton.count(mark) == 1 for mark in marks):  # the template transforms content
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                return text, tok(text, add_special_tokens=False).input_ids
+        except Exception as e:  # jinja errors of a model's own template
+            raise DevopsError(f"the chat template of '{self.model_name}' failed: {str(e).splitlines()[0]}") from None
+        ids: list[int] = []
+        pieces: list[str] = []
+        rest = skeleton
+        for mark, message in zip(marks, messages, strict=True):
+            before, rest = rest.split(mark, 1)
+            pieces += [before, message["content"]]
+            ids += tok(before, add_special_tokens=False).input_ids if before else []
+            if message["content"]:
+                ids += tok(message["content"], add_special_tokens=False, split_special_tokens=True).input_ids
+        ids += tok(rest, add_special_tokens=False).input_ids if rest else []
+        return "".join(pieces) + rest, ids
+
+    def prepare(self, user: str) -> tuple[str, list[int], int]:
+        """Prompt for `user` after the kept turns; drops the oldest turns until it fits the window."""
+        window = self.window()
+        dropped, before = 0, self.first_in_window
+        while True:
+            text, ids = self.encode(self.messages(user))
+            if len(ids) <= window or self.first_in_window >= len(self.turns):
+                break
+            self.first_in_window += 1
+            dropped += 1
+        if len(ids) > window:
+            self.first_in_window = before
+            raise DevopsError(f"this message needs {len(ids)} prompt tokens but the window is {window}",
+                              hint="shorten it, or raise the window with /set max_window N (--max-window)")
+        return text, ids, dropped
+
+    # --- generation ------------------------------------------------------------------------------
+    def send(self, user: str, on_text=None, on_drop=None) -> Reply:
+        """Answer `user` after the kept history, calling on_text(delta, full_text) as text arrives and
+        on_drop(turns, window) first when turns leave the window. Ctrl-C (KeyboardInterrupt) stops
+        the reply; what was generated so far is kept."""
+        start = time.perf_counter()
+        text, ids, dropped = self.prepare(user)
+        if dropped and on_drop is not None:
+            on_drop(dropped, self.window())
+        reply = self._generate(ids, on_text, start)
+        reply.dropped = dropped
+        self.last_prompt, self.last_prompt_tokens = text, len(ids)
+        self.turns.append(Turn(user, reply.text, reply.prompt_tokens, reply.completion_tokens,
+                               round(reply.seconds, 3), reply.stopped))
+        return reply
+
+    def regen(self, on_text=None, on_drop=None) -> Reply:
+        """Drop the last reply and answer its question again."""
+        if not self.turns:
+            raise DevopsError("nothing to regenerate yet")
+        last = self.turns.pop()
+        self.first_in_window = min(self.first_in_window, len(self.turns))
+        try:
+            return self.send(last.user, on_text, on_drop)
+        except DevopsError:
+            self.turns.append(last)
+            raise
+
+    def clear(self) -> None:
+        self.turns.clear()
+        self.first_in_window = 0
+
+    def _generate(self, ids: list[int], on_text, start: float) -> Reply:
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stop = threading.Event()
+
+        class _StopOnEvent(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        model = self.model
+        input_ids = torch.tensor([ids], device=model.device)
+        streamer = _QueueStreamer()
+        kwargs = dict(self.settings)
+        if not kwargs.get("do_sample"):  # greedy: sampling knobs would only draw warnings
+            for name in ("temperature", "top_p", "top_k"):
+                kwargs.pop(name, None)
+        kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([_StopOnEvent()]), eos_token_id=self.stop_ids,
+                      pad_token_id=self.tokenizer.pad_token_id)
+        failure: list[BaseException] = []
+
+        def work():
+            try:
+                with torch.inference_mode():
+                    model.generate(**kwargs)
+            except BaseException as e:  # handed to the caller's thread
+                failure.append(e)
+                streamer.end()
+
+        future = self._worker().submit(work)
+        out: list[int] = []
+        shown = stable = ""
+        mark = 0
+        first = None
+        stopped = False
+        finished = False
+        try:
+            while not finished:
+                try:
+                    while True:
+                        item = streamer.queue.get()
+                        if item is None:
+                            finished = True
+                            break
+                        if first is None:
+                            first = time.perf_counter() - start
+                        out += item
+                        if streamer.queue.empty():
+                            break
+                    if not stopped and on_text is not None:
+                        text = stable + self._decode(out[mark:])  # decode only since the last whitespace
+                        if text != shown and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+                            delta = text[len(shown):] if text.startswith(shown) else text
+                            shown = text
+                            on_text(delta, text)
+                            if text.endswith((" ", "\n")):
+                                stable, mark = text, len(out)
+                    if not finished:
+                        streamer.done.wait(_FRAME)  # let tokens gather: at most ~50 updates a second
+                except KeyboardInterrupt:
+                    stopped = True
+                    stop.set()
+        finally:  # on any exit (an error in on_text, a closed pipe) stop the generation thread first
+            if not future.done():
+                stop.set()
+            while not future.done():
+                try:
+                    concurrent.futures.wait([future])
+                except KeyboardInterrupt:
+                    stopped = True
+                    stop.set()
+        seconds = time.perf_counter() - start
+        if failure and not isinstance(failure[0], KeyboardInterrupt):
+            e = failure[0]
+            raise DevopsError(f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        completion = [i for i in out if i not in self.stop_ids]
+        text = self._decode(completion)
+        if on_text is not None and text != shown and text.startswith(shown) and not stopped:
+            on_text(text[len(shown):], text)  # what was held back: a trailing partial character
+        if stopped and on_text is not None:
+            text = shown  # the reply is what the user saw
+        return Reply(text, len(ids), len(out), seconds, first, stopped=stopped)
+
+    def _worker(self):
+        """One generation thread for the whole session: a fresh thread per reply pays torch's per-thread
+        set-up again (about 35 ms on the first forward of a 4x512 model on CPU)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="generate")
+        return self._executor
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --- transcripts -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": self.model_name, "adapter": self.adapter, "seed": self.seed,
+                "generation": dict(self.settings), "max_window": self.window(), "system": self.system,
+                "turns": [asdict(t) for t in self.turns]}
+
+    def restore(self, state: dict) -> None:
+        turns = [Turn(**{k: v for k, v in t.items() if k in Turn.__dataclass_fields__}) for t in state["turns"]]
+        self.turns, self.first_in_window = turns, 0
+        self.system = state.get("system", self.system)
+        for name, value in (state.get("generation") or {}).items():
+            if name in SETTINGS:
+                self.settings[name] = value
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, set)) else [value]

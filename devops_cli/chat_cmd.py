@@ -1,0 +1,210 @@
+"""`devops-model chat`: the command function, model loading for chat, and the one-shot / piped mode.
+The REPL lives in repl.py, the conversation in chat.py. No torch import at module level."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .console import console, err_console, warn
+from .errors import DevopsError
+
+_P = "generation (default: the model's generation_config)"
+
+
+def chat(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="model directory or hub id (default: the adapter's base)", show_default=False)] = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter directory (an sft output_dir)", show_default=False)] = None,
+    system: Annotated[str | None, typer.Option("--system", help='system prompt (default: "You are a helpful assistant.")', show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="answer this once and exit; piped stdin is attached to it", show_default=False)] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="one-shot: print {reply, prompt_tokens, completion_tokens, seconds}")] = False,
+    max_new_tokens: Annotated[int | None, typer.Option(help=_P, show_default=False, rich_help_panel="Generation")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy; " + _P, show_default=False, rich_help_panel="Generation")] = None,
+    top_p: Annotated[float | None, typer.Option(help=_P, show_default=False, rich_help_panel="Generation")] = None,
+    top_k: Annotated[int | None, typer.Option(help=_P, show_default=False, rich_help_panel="Generation")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help=_P, show_default=False, rich_help_panel="Generation")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed, recorded in transcripts (default: random)", show_default=False, rich_help_panel="Generation")] = None,
+    max_window: Annotated[int | None, typer.Option(help="prompt tokens the model sees; older turns drop out (default: context - max_new_tokens)", show_default=False, rich_help_panel="Generation")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16", rich_help_panel="Model")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps", rich_help_panel="Model")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", rich_help_panel="Model")] = False,
+    stats: Annotated[bool, typer.Option("--stats/--no-stats", help="tokens, seconds and tokens/s after each reply")] = True,
+) -> None:
+    """Chat with a model: streaming Markdown REPL; [bold]--prompt[/] or piped stdin answers once.
+
+    [bold]kubectl logs pod | devops-model chat -m MODEL -p "why does it crash?"[/]
+    """
+    from .chat import parse_setting
+
+    overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                 "repetition_penalty": repetition_penalty}
+    for name, value in overrides.items():  # same rules as /set, checked before anything loads
+        if value is not None:
+            parse_setting(name, str(value))
+    if max_window is not None and max_window < 16:
+        raise DevopsError(f"--max-window must be >= 16, got {max_window}")
+    interactive = prompt is None and sys.stdin.isatty()
+    if json_output and interactive:
+        raise DevopsError("--json answers once", hint="pass --prompt TEXT or pipe input into the command")
+    piped = None if sys.stdin.isatty() else sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    if not interactive and prompt is None and not (piped or "").strip():
+        raise DevopsError("nothing to answer: stdin was empty", hint="pass --prompt TEXT, or run in a terminal to chat")
+
+    session = _session(model, adapter, system, overrides, seed, max_window, dtype, device, trust_remote_code)
+    if interactive:
+        from .repl import Repl
+
+        raise typer.Exit(Repl(session, stats).run())
+    _one_shot(session, prompt, piped, json_output, stats)
+
+
+def _session(model, adapter, system, overrides, seed, max_window, dtype, device, trust_remote_code):
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not the user's
+    from transformers.utils import logging as hf_logging
+
+    from .chat import ChatSession, settings_from
+    from .templates import DEFAULT_SYSTEM
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    with err_console.status("loading model…", spinner="dots") if err_console.is_terminal else _nothing():
+        loaded, tok, name = load(model, adapter, dtype, device, trust_remote_code)
+    return ChatSession(loaded, tok, model_name=name, settings=settings_from(loaded.generation_config, overrides),
+                       system=DEFAULT_SYSTEM if system is None else system, seed=seed, max_window=max_window,
+                       adapter=str(adapter) if adapter else None)
+
+
+def load(model: str | None, adapter: Path | None, dtype: str, device: str, trust_remote_code: bool = False):
+    """(model on its device in eval mode with the adapter merged, tokenizer with a chat template, name)."""
+    from .modeling import adapter_base, apply_adapter, load_model, load_tokenizer
+    from .templates import CHATML, DEFAULT
+
+    if adapter is not None:
+        if not adapter.is_dir():
+            raise DevopsError(f"adapter directory '{adapter}' does not exist")
+        base = model or adapter_base(adapter)
+    elif model:
+        base = model
+    else:
+        raise DevopsError("no model given", hint="pass --model PATH_OR_HUB_ID (or --adapter LORA_DIR)")
+    _check_local(base)
+    import torch
+
+    dev = _device(device, torch)
+    torch_dtype = _dtype(dtype, dev, torch)
+    tok_source = str(adapter) if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
+    tok = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
+    if not tok.chat_template:
+        vocab = tok.get_vocab()
+        if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+            tok.chat_template = CHATML
+        else:
+            tok.chat_template = DEFAULT
+            warn(f"'{base}' has no chat template and no ChatML tokens: using the Human/Assistant format")
+    loaded = load_model(base, torch_dtype, trust_remote_code)
+    if adapter is not None:
+        loaded = apply_adapter(loaded, adapter, base)
+    return loaded.to(dev).eval(), tok, base
+
+
+
+def _check_local(name: str) -> None:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise DevopsError(f"'{name}' has no config.json, so it is not a model directory")
+    elif name.startswith((".", "/", "~")) or name.count("/") != 1:  # not an owner/name hub id
+        raise DevopsError(f"model directory '{name}' does not exist")
+
+
+def _device(device: str, torch):
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DevopsError(f"unknown --device '{device}'", hint="auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DevopsError("--device cuda, but CUDA is not available here", hint="use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DevopsError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _dtype(dtype: str, dev, torch):
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype == "auto":
+        if dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if dev.type == "mps" else torch.float32
+    if dtype not in names:
+        raise DevopsError(f"unknown --dtype '{dtype}'", hint="auto, float32, bfloat16 or float16")
+    return names[dtype]
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _one_shot(session, prompt: str | None, piped: str | None, json_output: bool, stats: bool) -> None:
+    import os
+
+    try:
+        _answer(session, prompt, piped, json_output, stats)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(0) from None
+
+
+def _answer(session, prompt: str | None, piped: str | None, json_output: bool, stats: bool) -> None:
+    from . import loginput
+    from .render import ReplyView
+
+    message = prompt or ""
+    if piped and piped.strip():
+        log = loginput.clean(piped)
+        tok = session.tokenizer
+        scaffold = len(session.encode(session.messages(loginput.attach(message, "x")))[1])
+        budget = session.window() - scaffold - 4
+
+        def count(text: str) -> int:
+            return len(tok(text, add_special_tokens=False, split_special_tokens=True).input_ids)
+
+        log, notice = loginput.fit(log, budget, count)
+        if notice:
+            warn(notice)
+        message = loginput.attach(message, log)
+    if json_output:
+        reply = session.send(message, None, _dropped)
+        print(json.dumps({"reply": reply.text, "prompt_tokens": reply.prompt_tokens,
+                          "completion_tokens": reply.completion_tokens, "seconds": round(reply.seconds, 3)},
+                         ensure_ascii=False))
+    else:
+        with ReplyView(console) as view:
+            reply = session.send(message, view.update, _dropped)
+        if stats:
+            err_console.print(f"[dim]{reply.prompt_tokens} prompt tokens · {reply.completion_tokens} tokens · "
+                              f"{reply.seconds:.2f} s · {reply.tokens_per_second:.1f} tokens/s[/]")
+    if reply.stopped:
+        warn("reply stopped")
+        raise typer.Exit(130)
+
+
+def _dropped(count: int, window: int) -> None:
+    warn(f"{count} turn(s) left the {window}-token window")

@@ -80,6 +80,11 @@ def check(r: Recipe) -> tuple[list[str], Path | None]:
                 model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
             except json.JSONDecodeError as e:
                 bad("model_name_or_path", f"{config}:{e.lineno}: invalid JSON in config.json")
+            if model_type == "qwen":  # Qwen v1: the workers load its native Qwen2 conversion (convert.py)
+                from .convert import cache_path
+
+                model_type = "qwen2"
+                warnings.append(f"'{path}' is a Qwen v1 checkpoint: it is converted once to Qwen2 ({cache_path(path)})")
     elif HUB_ID.match(r.model_name_or_path) and not Path(r.model_name_or_path.split("/")[0]).is_dir():
         from huggingface_hub import constants, try_to_load_from_cache
 

@@ -15,8 +15,11 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from .chat_cmd import chat
 from .console import console, fail, info, warn
+from .convert_cmd import convert_command
 from .errors import DevopsError
+from .eval_cmd import eval_command
 
 app = typer.Typer(
     name="devops-model",
@@ -89,19 +92,16 @@ def _summary(out: Path) -> None:
     console.print(f"[green]done[/]: {', '.join(parts)} → {escape(str(out))}  (metrics.json, logs/, runs/)")
 
 
-@app.command()
 def pt(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False) -> None:
     """Continued pretraining on your DevOps corpus: [bold]devops-model pt configs/7b-pt.yaml key=value ...[/]"""
     _train("pt", recipe, overrides, dry_run)
 
 
-@app.command()
 def sft(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False) -> None:
     """Supervised fine-tuning (full or LoRA) on DevOps QA: [bold]devops-model sft configs/7b-sft.yaml[/]"""
     _train("sft", recipe, overrides, dry_run)
 
 
-@app.command()
 def export(
     adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter directory (an sft output_dir)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="where the merged model goes")],
@@ -119,7 +119,6 @@ def export(
     console.print(f"[green]merged[/] {escape(str(adapter))} into {escape(base)} → {escape(str(output))}")
 
 
-@app.command()
 def tiny(
     output: Annotated[Path, typer.Argument(help="directory for the model")],
     hidden_size: Annotated[int, typer.Option(help="hidden size (>= 128 for GPTQ group size 128)")] = 128,
@@ -137,7 +136,6 @@ def tiny(
     console.print(f"[green]tiny model[/] → {escape(str(out))} ({size:.1f} MB)")
 
 
-@app.command()
 def keys() -> None:
     """List every recipe key with its default and meaning."""
     from rich.table import Table
@@ -155,12 +153,19 @@ def keys() -> None:
     console.print("Any other transformers.TrainingArguments field passes through, checked for type.")
 
 
-# Commands that live in modules of their own (none imports torch at import time).
-from .chat_cmd import chat  # noqa: E402
-from .eval_cmd import eval_command  # noqa: E402
 
+
+
+
+# the workflow's order: train, compress, measure, use; then the tools around it
+app.command()(pt)
+app.command()(sft)
 app.command("eval")(eval_command)
 app.command("chat")(chat)
+app.command("convert")(convert_command)
+app.command()(export)
+app.command()(tiny)
+app.command()(keys)
 
 
 def main(argv: list[str] | None = None) -> None:

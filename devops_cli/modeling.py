@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .convert import resolve_model, watch_seq_length
 from .errors import DevopsError
 from .templates import CHATML, DEFAULT
 
@@ -12,6 +13,7 @@ from .templates import CHATML, DEFAULT
 def load_tokenizer(name: str, template: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    name = resolve_model(name)  # a Qwen v1 checkpoint loads as its native Qwen2 conversion
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -46,13 +48,16 @@ def torch_dtype(bf16: bool, fp16: bool, trainable_base: bool, deepspeed: bool):
 def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    name = resolve_model(name)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise DevopsError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+    watch_seq_length(model)  # warns once when a window passes a converted Qwen v1 model's seq_length
+    return model
 
 
 def add_lora(model, rank: int, alpha: float, dropout: float, target: str, gradient_checkpointing: bool):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from .dataset_info import BUNDLED_DIR
 from .errors import DevopsError
+from .qwen_tokenizer import QWEN_REGEX
 from .templates import CHATML
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 
 def bundled_texts():

@@ -14,7 +14,7 @@ def test_help_lists_commands_without_importing_torch():
     assert out.stdout.strip() == "[]"
     r = run_cli("--help")
     assert r.returncode == 0
-    for command in ("pt", "sft", "export", "tiny", "keys", "eval", "chat"):
+    for command in ("pt", "sft", "export", "tiny", "keys", "eval", "chat", "convert"):
         assert f" {command} " in r.stdout
     # commands whose issues have not landed must not pretend to exist
     for absent in ("quantize",):

@@ -1,0 +1,441 @@
+"""Qwen v1 (QWenLMHeadModel, remote code pinned to transformers 4.32) -> native Qwen2ForCausalLM.
+
+What the released CodeFuse-DevOps-Model checkpoints need to run on today's stack, with no remote code:
+config (Aug-2023 or later key schema) -> Qwen2 config; weights (.bin or .safetensors, sharded or not)
+-> safetensors, one source shard at a time (c_attn split into q/k/v, w2 -> gate, w1 -> up);
+qwen.tiktoken -> tokenizer.json (Qwen regex, NFC, specials at their ids, ChatML); v1 stop tokens.
+`resolve_model` is the hook every --model command goes through: it converts a v1 directory (or hub
+repo) once into a cache and returns the path to load. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+from rich.markup import escape
+
+from .console import err_console, is_rank0, warn
+from .errors import DevopsError
+from .qwen_tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
+
+STOP_IDS = [151643, 151645, 151644]  # <|endoftext|>, <|im_end|>, <|im_start|>: v1 chat stops on each
+MARKER = "devops-model-conversion.json"  # written last: its presence means a complete conversion
+CACHE_ENV = "DEVOPS_MODEL_CONVERT_CACHE"  # a folder for converted models when next-to-source won't do
+MAX_SHARD_BYTES = 5 * 1024**3
+VERSION = 1
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+KEEP = ("LICENSE", "LICENSE.md", "NOTICE", "NOTICE.md", "README.md", "USE_POLICY.md")  # licence travels along
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.(masked_)?bias|logn_tensor)$")  # buffers, not weights
+LAYER = {"ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
+         "attn.c_proj.weight": "self_attn.o_proj.weight", "mlp.w2.weight": "mlp.gate_proj.weight",
+         "mlp.w1.weight": "mlp.up_proj.weight", "mlp.c_proj.weight": "mlp.down_proj.weight"}
+TOP = {"transformer.wte.weight": "model.embed_tokens.weight", "transformer.ln_f.weight": "model.norm.weight",
+       "lm_head.weight": "lm_head.weight"}
+
+
+# --- detection and config -----------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DevopsError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DevopsError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise DevopsError(f"{path} is not a JSON object")
+    return data
+
+
+def _is_v1_config(config: dict) -> bool:
+    return config.get("model_type") == "qwen" or "QWenLMHeadModel" in (config.get("architectures") or [])
+
+
+def is_qwen_v1(path: str | Path) -> bool:
+    """A local directory whose config.json says Qwen v1 (model_type "qwen" / QWenLMHeadModel)."""
+    try:
+        return _is_v1_config(json.loads((Path(path).expanduser() / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _pick(v1: dict, where: Path, *keys: str, default=None):
+    for key in keys:
+        if v1.get(key) is not None:
+            return v1[key]
+    if default is None:
+        raise DevopsError(f"{where}: no {' / '.join(keys)}, so this Qwen v1 config cannot be converted")
+    return default
+
+
+def qwen2_config(v1: dict, where: Path) -> dict:
+    """Both key schemas (Aug-2023 n_embd/n_layer/ffn_hidden_size/padded_vocab_size, and the later one)."""
+    hidden = _pick(v1, where, "hidden_size", "n_embd")
+    heads = _pick(v1, where, "num_attention_heads", "n_head")
+    ffn = _pick(v1, where, "intermediate_size", "ffn_hidden_size")
+    seq_length = _pick(v1, where, "seq_length", default=2048)
+    if v1.get("pos_emb", "rotary") != "rotary" or float(v1.get("rotary_pct", 1.0)) != 1.0:
+        raise DevopsError(f"{where}: only full rotary embeddings (rotary_pct 1.0) convert to Qwen2")
+    if ffn % 2:
+        raise DevopsError(f"{where}: intermediate size {ffn} is odd, but it must count both w1 and w2")
+    head_dim = _pick(v1, where, "kv_channels", default=hidden // heads)
+    out = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "vocab_size": _pick(v1, where, "padded_vocab_size", "vocab_size"),
+        "hidden_size": hidden, "intermediate_size": ffn // 2,
+        "num_hidden_layers": _pick(v1, where, "num_hidden_layers", "n_layer"),
+        "num_attention_heads": heads, "num_key_value_heads": heads, "hidden_act": "silu",
+        "max_position_embeddings": seq_length,  # the trained length: past it v1's numerics differ
+        "rms_norm_eps": _pick(v1, where, "layer_norm_epsilon", default=1e-6),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(_pick(v1, where, "rotary_emb_base", "rope_theta",
+                                                                                default=10000))},
+        "tie_word_embeddings": bool(v1.get("tie_word_embeddings", False)), "use_sliding_window": False,
+        "bos_token_id": SPECIAL_START, "eos_token_id": SPECIAL_START, "pad_token_id": SPECIAL_START,
+        "qwen_v1_seq_length": seq_length,
+        "qwen_v1_max_window": _pick(v1, where, "max_position_embeddings", "n_positions", default=seq_length),
+        "qwen_v1_use_logn_attn": bool(v1.get("use_logn_attn", False)),
+        "qwen_v1_use_dynamic_ntk": bool(v1.get("use_dynamic_ntk", False)),
+    }  # fmt: skip
+    if head_dim * heads != hidden:
+        out["head_dim"] = head_dim
+    return out
+
+
+def expected_shapes(c: dict) -> dict[str, tuple]:
+    h, proj, ffn, v = c["hidden_size"], c["num_attention_heads"] * c.get("head_dim", c["hidden_size"] // c["num_attention_heads"]), c["intermediate_size"], c["vocab_size"]  # noqa: E501
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not c["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.o_proj.weight": (h, proj), p + "mlp.gate_proj.weight": (ffn, h),
+                       p + "mlp.up_proj.weight": (ffn, h), p + "mlp.down_proj.weight": (h, ffn)})
+        for x in "qkv":
+            shapes[p + f"self_attn.{x}_proj.weight"], shapes[p + f"self_attn.{x}_proj.bias"] = (proj, h), (proj,)
+    return shapes
+
+
+# --- weights: lazy shard readers, mapping, a streaming safetensors writer ------------------------
+def weight_files(src: Path) -> list[Path]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (src / index).is_file():
+            weight_map = _read_json(src / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise DevopsError(f"{src / index} has no weight_map")
+            files = [src / f for f in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.is_file():
+                    raise DevopsError(f"{src / index} lists {f.name}, which is missing", hint="download the checkpoint again")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (src / single).is_file():
+            return [src / single]
+    raise DevopsError(f"'{src}' has no weights (model.safetensors[.index.json] or pytorch_model.bin[.index.json])")
+
+
+class Shard:
+    """Tensors of one weight file, read lazily: safetensors by slice, .bin through mmap."""
+
+    def __init__(self, path: Path):
+        import torch
+
+        self.path = path
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                self.st = safe_open(str(path), framework="pt")
+                self.names = list(self.st.keys())
+            else:
+                try:
+                    self.sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):  # legacy (non-zip) files cannot be mapped: load them whole
+                        raise
+                    self.sd = torch.load(path, map_location="cpu", weights_only=True)
+                self.st, self.names = None, list(self.sd)
+        except Exception as e:  # truncated/corrupt files, or a pickle that is not plain tensors
+            raise DevopsError(f"cannot read weights {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                              hint="it is truncated, corrupt or holds more than tensors; download it again") from None
+
+    def meta(self, name: str):
+        import torch
+
+        if self.st is None:
+            t = self.sd[name]
+            return tuple(t.shape), t.dtype
+        s = self.st.get_slice(name)
+        dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+        return tuple(s.get_shape()), dtypes.get(s.get_dtype(), s.get_dtype())
+
+    def get(self, name: str, rows: tuple[int, int] | None):
+        try:
+            if self.st is None:
+                t = self.sd[name]
+                return t if rows is None else t[rows[0]:rows[1]]
+            return self.st.get_tensor(name) if rows is None else self.st.get_slice(name)[rows[0]:rows[1]]
+        except Exception as e:
+            raise DevopsError(f"cannot read tensor {name} from {self.path}: {str(e).splitlines()[0]}",
+                              hint="the file is truncated or corrupt; download it again") from None
+
+
+def plan_tensor(name: str, shape: tuple, c: dict) -> list[tuple[str, tuple[int, int] | None]]:
+    """v1 tensor -> [(Qwen2 name, row range or None)]; [] for buffers; DevopsError for unknown names."""
+    if name in TOP:
+        return [(TOP[name], None)]
+    if IGNORED.search(name):
+        return []
+    m = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
+    if m and m.group(2) in LAYER:
+        return [(f"model.layers.{m.group(1)}.{LAYER[m.group(2)]}", None)]
+    if m and m.group(2) in ("attn.c_attn.weight", "attn.c_attn.bias"):
+        n = shape[0] // 3
+        kind = name.rsplit(".", 1)[1]
+        return [(f"model.layers.{m.group(1)}.self_attn.{x}_proj.{kind}", (i * n, (i + 1) * n)) for i, x in enumerate("qkv")]
+    raise DevopsError(f"unexpected tensor '{name}' in a Qwen v1 checkpoint", hint="is this really a Qwen v1 model?")
+
+
+def write_safetensors(path: Path, items: list, shard: Shard) -> None:
+    """Write (out_name, src_name, rows, shape, dtype) items one tensor at a time: memory ~ one tensor."""
+    import torch
+
+    codes = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+    header, offset = {}, 0
+    for out, _, _, shape, dtype in items:
+        if dtype not in codes:
+            raise DevopsError(f"tensor {out} in {shard.path} has dtype {dtype}, not a float type")
+        size = dtype.itemsize * int(torch.Size(shape).numel())
+        header[out] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, src, rows, shape, _ in items:
+            t = shard.get(src, rows).contiguous()
+            if tuple(t.shape) != tuple(shape):
+                raise DevopsError(f"tensor {src} in {shard.path} is shorter than its header says (truncated?)")
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            del t
+
+
+def convert_weights(src: Path, out: Path, c: dict, max_shard_bytes: int = MAX_SHARD_BYTES, progress=None) -> str:
+    """Source shard by source shard, each written out before the next is opened; returns the dtype."""
+    expected = expected_shapes(c)
+    files, weight_map, seen, total, dtypes = [], {}, set(), 0, set()
+    sources = weight_files(src)
+    for i, path in enumerate(sources):
+        shard = Shard(path)
+        groups, size = [[]], 0
+        for name in shard.names:
+            shape, dtype = shard.meta(name)
+            for new, rows in plan_tensor(name, shape, c):
+                new_shape = shape if rows is None else (rows[1] - rows[0], *shape[1:])
+                if new not in expected or tuple(expected[new]) != tuple(new_shape):
+                    want = f"shape {expected[new]}" if new in expected else "no such tensor"
+                    raise DevopsError(f"{path.name}: {name} gives {new} {tuple(new_shape)}, but the config implies {want}")
+                nbytes = dtype.itemsize * math.prod(new_shape)
+                if groups[-1] and size + nbytes > max_shard_bytes:
+                    groups.append([])
+                    size = 0
+                groups[-1].append((new, name, rows, new_shape, dtype))
+                size += nbytes
+                total += nbytes
+                seen.add(new)
+                dtypes.add(str(dtype).removeprefix("torch."))
+        for group in filter(None, groups):
+            part = out / f".part-{len(files):05d}.safetensors"
+            write_safetensors(part, group, shard)
+            files.append(part)
+            weight_map.update({item[0]: part for item in group})
+        del shard
+        if progress:
+            progress(i + 1, len(sources), path.name)
+    missing = sorted(set(expected) - seen, key=lambda n: (len(n), n))
+    if missing:
+        raise DevopsError(f"'{src}' is incomplete: {len(missing)} tensors missing, e.g. {missing[0]}",
+                          hint="download every shard of the checkpoint")
+    names = {p: (out / "model.safetensors" if len(files) == 1 else
+                 out / f"model-{k + 1:05d}-of-{len(files):05d}.safetensors") for k, p in enumerate(files)}
+    for old, new in names.items():
+        old.rename(new)
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: names[v].name for k, v in sorted(weight_map.items())}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
+# --- generation config ---------------------------------------------------------------------------
+def generation_config(src: Path) -> dict:
+    v1 = _read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
+    stops = list(STOP_IDS)
+    for word in v1.get("stop_words_ids") or []:
+        if len(word) == 1 and word[0] not in stops:
+            stops.append(word[0])
+    out = {"eos_token_id": stops, "pad_token_id": SPECIAL_START, "bos_token_id": SPECIAL_START}
+    out.update({k: v1[k] for k in ("do_sample", "top_p", "top_k", "temperature", "max_new_tokens",
+                                   "repetition_penalty") if v1.get(k) is not None})
+    return out
+
+
+# --- whole conversion ----------------------------------------------------------------------------
+def fingerprint(src: Path) -> str:
+    files = ["config.json", "generation_config.json", "qwen.tiktoken"] + [p.name for p in weight_files(src)]
+    parts = [(f, (src / f).stat().st_size, (src / f).stat().st_mtime_ns) for f in files if (src / f).exists()]
+    return hashlib.sha256(json.dumps([VERSION, parts]).encode()).hexdigest()[:16]
+
+
+def convert(src: str | Path, out: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+            progress=None) -> Path:
+    """Convert the Qwen v1 checkpoint in src into a new Qwen2 directory out (written aside, then renamed)."""
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if not src.is_dir():
+        raise DevopsError(f"model directory '{src}' does not exist")
+    if not (src / "config.json").is_file():
+        raise DevopsError(f"'{src}' has no config.json, so it is not a model directory")
+    v1 = _read_json(src / "config.json")
+    if not _is_v1_config(v1):
+        raise DevopsError(f"'{src}' is not a Qwen v1 checkpoint (model_type {v1.get('model_type')!r})",
+                          hint="only Qwen v1 (model_type \"qwen\") needs converting; load other models directly")
+    if not (src / "qwen.tiktoken").is_file():
+        raise DevopsError(f"'{src}' has no qwen.tiktoken, the Qwen v1 vocabulary", hint="download it with the weights")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DevopsError(f"output '{out}' exists", hint="choose another --output, or pass --overwrite")
+    config = qwen2_config(v1, src / "config.json")
+    load_ranks(src / "qwen.tiktoken")  # a bad vocabulary fails now, not after minutes of weights
+    if config["vocab_size"] < SPECIAL_START + len(SPECIALS):
+        raise DevopsError(f"{src / 'config.json'}: vocab_size {config['vocab_size']} is below the tokenizer's "
+                          f"{SPECIAL_START + len(SPECIALS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        config["dtype"] = convert_weights(src, tmp, config, max_shard_bytes, progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(src), indent=2) + "\n")
+        build_tokenizer(src / "qwen.tiktoken").save_pretrained(tmp)  # after the weights: peak memory stays one shard
+        for name in KEEP:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        record = {"converted_by": "devops-model convert", "version": VERSION, "source": str(src.resolve()),
+                  "fingerprint": fingerprint(src)}
+        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- the --model hook ----------------------------------------------------------------------------
+def _say(message: str) -> None:
+    """Progress goes to stderr: stdout may be a piped answer (chat --json) or a results table."""
+    if is_rank0():
+        err_console.print(escape(message), soft_wrap=True)
+
+
+def _hub_source(repo_id: str) -> Path | None:
+    """A hub repo that is Qwen v1 -> its local snapshot (weights, configs, vocabulary; never *.py)."""
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download, try_to_load_from_cache
+
+        config = try_to_load_from_cache(repo_id, "config.json")
+        config = config if isinstance(config, str) else hf_hub_download(repo_id, "config.json")
+        if not _is_v1_config(json.loads(Path(config).read_text(encoding="utf-8"))):
+            return None
+        _say(f"{repo_id} is a Qwen v1 checkpoint: fetching its weights (its Python code is not needed)")
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "qwen.tiktoken",
+                                                               *KEEP]))
+    except Exception:  # not on the hub / offline and not cached: from_pretrained reports it
+        return None
+
+
+def cache_path(src: Path, name: str | None = None) -> Path:
+    """Next to the source, unless that folder is read-only (hub caches, shared disks) or CACHE_ENV is set."""
+    root = os.environ.get(CACHE_ENV)
+    if root is None and name is None and os.access(src.parent, os.W_OK):
+        return src.parent / f"{src.name}-qwen2"
+    root = Path(root or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "devops-model" / "converted")
+    tag = hashlib.sha256(str(src.resolve()).encode()).hexdigest()[:8]
+    return root.expanduser() / f"{name or src.name}-{tag}-qwen2"
+
+
+_RESOLVED: dict[tuple, str] = {}  # tokenizer and model of one command resolve the same name: say it once
+
+
+def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str:
+    """The path to load for --model: unchanged, or a Qwen v1 checkpoint's converted copy (made once)."""
+    key = (name_or_path, str(cache_dir), os.environ.get(CACHE_ENV))
+    if key in _RESOLVED and (Path(_RESOLVED[key]) / MARKER).is_file():
+        return _RESOLVED[key]
+    _RESOLVED[key] = _resolve(name_or_path, cache_dir)
+    return _RESOLVED[key]
+
+
+def _resolve(name_or_path: str, cache_dir: str | Path | None) -> str:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not is_qwen_v1(path):
+            return name_or_path
+        src, name = path, None
+    elif HUB_ID.match(name_or_path) and not path.exists() and (src := _hub_source(name_or_path)) is not None:
+        name = name_or_path.replace("/", "--")
+    else:
+        return name_or_path
+    target = Path(cache_dir).expanduser() if cache_dir else cache_path(src, name)
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):  # torchrun ranks resolve at once: one converts
+        if (target / MARKER).is_file():
+            record = _read_json(target / MARKER)
+            if record.get("fingerprint") == fingerprint(src):
+                _say(f"Qwen v1 checkpoint {src}: using its Qwen2 conversion in {target}")
+                return str(target)
+            _say(f"{src} changed since it was converted to {target}: converting it again")
+        elif target.exists():
+            raise DevopsError(f"'{target}' exists but was not made by devops-model convert",
+                              hint=f"move it away, or set {CACHE_ENV} to a folder for converted models")
+        _say(f"Qwen v1 checkpoint {src}: converting it once to native Qwen2 → {target}")
+        convert(src, target, overwrite=True)
+    return str(target)
+
+
+def past_seq_length(config, n_tokens: int) -> str | None:
+    """The warning for a window of n_tokens on a converted Qwen v1 model, or None where numerics match v1."""
+    seq = getattr(config, "qwen_v1_seq_length", None)
+    tricks = [t for t, key in (("logn attention", "qwen_v1_use_logn_attn"), ("dynamic NTK rope", "qwen_v1_use_dynamic_ntk"))
+              if getattr(config, key, False)]
+    if not seq or not tricks or n_tokens <= seq:
+        return None
+    return (f"{n_tokens} tokens is past this Qwen v1 model's trained length ({seq}): the original code switches on "
+            f"{' and '.join(tricks)} there and the converted Qwen2 model does not, so its outputs past {seq} "
+            f"tokens differ from the original's — keep the window within {seq} tokens")
+
+
+def watch_seq_length(model) -> None:
+    """Warn once when a forward pass of a converted Qwen v1 model sees more than seq_length positions."""
+    if getattr(model.config, "qwen_v1_seq_length", None) is None:
+        return
+
+    def hook(module, args, kwargs):
+        seen = [kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds"),
+                kwargs.get("attention_mask")]
+        n = max([x.shape[1] for x in seen if x is not None and x.dim() > 1] or [0])
+        if (cache_position := kwargs.get("cache_position")) is not None and cache_position.numel():
+            n = max(n, int(cache_position.max()) + 1)
+        if not getattr(module, "_qwen_v1_warned", False) and (message := past_seq_length(module.config, n)):
+            module._qwen_v1_warned = True
+            warn(message)
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)

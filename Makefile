@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	PIP_CONSTRAINT=$(PIN) DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[deepspeed,dev]'
+	PIP_CONSTRAINT=$(PIN) DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[deepspeed,dev,quantize]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -30,12 +30,14 @@ demo: $(STAMP)
 	$(DM) pt configs/tiny-pt.yaml nproc_per_node=2 model_name_or_path=$(DEMO)/tiny output_dir=$(DEMO)/pt
 	$(DM) sft configs/tiny-sft.yaml finetuning_type=lora learning_rate=5e-3 model_name_or_path=$(DEMO)/pt output_dir=$(DEMO)/sft
 	$(DM) export --adapter $(DEMO)/sft --output $(DEMO)/sft-merged
+	$(DM) quantize --model $(DEMO)/sft-merged --output $(DEMO)/int4 --calib-seq-len 256
 	@echo
 	@echo "demo outputs:"
 	@echo "  $(DEMO)/tiny        tiny Qwen2 base model + BPE tokenizer (built from the bundled corpus)"
 	@echo "  $(DEMO)/pt          continued pretraining, 2 gloo workers: model, metrics.json, training_loss.png, logs/, runs/ (tensorboard)"
 	@echo "  $(DEMO)/sft         LoRA adapter from ChatML sft on the bundled QA, with metrics.json and training_loss.png"
 	@echo "  $(DEMO)/sft-merged  the adapter merged into full weights (AutoModelForCausalLM.from_pretrained loads it)"
+	@echo "  $(DEMO)/int4        GPTQ int4 of sft-merged, calibrated on the bundled corpus; quantize.json has sizes and perplexity"
 	@# eval: the sft adapter (chat on: an sft output) if present, else the tiny model; the bundled sample
 	@# exam always, the real 574-question DevOps exam when ../shared/data/devops-exam is there
 	m="--model $(DEMO)/tiny"; [ -f $(DEMO)/sft/adapter_config.json ] && m="--model $(DEMO)/pt --adapter $(DEMO)/sft"; \
@@ -44,6 +46,9 @@ demo: $(STAMP)
 	  $(DM) eval $$m --data-dir ../shared/data/devops-exam --shots 5 --output $(DEMO)/eval/devops-exam-5shot.json; fi
 	@echo; echo "chat, one-shot, with the sft model (a tiny model trained for seconds: expect rough text):"
 	$(DM) chat --model $(DEMO)/sft-merged --prompt "How do I find out why a pod keeps restarting?" \
+	  --max-new-tokens 64 --seed 0
+	@echo; echo "chat, one-shot, with the int4 GPTQ model of the same weights ($(DEMO)/int4):"
+	$(DM) chat --model $(DEMO)/int4 --prompt "How do I find out why a pod keeps restarting?" \
 	  --max-new-tokens 64 --seed 0
 
 lint: $(STAMP)

@@ -16,10 +16,11 @@ import typer
 from rich.markup import escape
 
 from .chat_cmd import chat
-from .console import console, fail, info, warn
+from .console import console, fail, info, quiet_imports, warn
 from .convert_cmd import convert_command
 from .errors import DevopsError
 from .eval_cmd import eval_command
+from .quantize_cmd import quantize_command
 
 app = typer.Typer(
     name="devops-model",
@@ -160,6 +161,7 @@ def keys() -> None:
 # the workflow's order: train, compress, measure, use; then the tools around it
 app.command()(pt)
 app.command()(sft)
+app.command("quantize")(quantize_command)
 app.command("eval")(eval_command)
 app.command("chat")(chat)
 app.command("convert")(convert_command)
@@ -171,6 +173,7 @@ app.command()(keys)
 def main(argv: list[str] | None = None) -> None:
     import click
 
+    quiet_imports()
     try:
         code = app(args=argv, standalone_mode=False)
     except click.exceptions.Exit as e:

@@ -28,3 +28,13 @@ def warn(message: str) -> None:
 
 def fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+
+
+def quiet_imports() -> None:
+    """Third-party import-time noise stays out of our output: torchao (installed with the quantize extra)
+    reports CUDA kernels it cannot load and torch deprecations on every transformers import."""
+    import logging
+
+    if not os.environ.get("DEVOPS_MODEL_DEBUG"):
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)

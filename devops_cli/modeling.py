@@ -49,6 +49,11 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
     from transformers import AutoModelForCausalLM
 
     name = resolve_model(name)
+    config = Path(name) / "config.json"
+    if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
+        from .quantize import import_gptq_quietly  # a GPTQ checkpoint: no library banners in chat/eval
+
+        import_gptq_quietly()
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     log = recipe_path.parent / "logs" / f"rank{rank}.log"
     log_file = tee_output(log, console=rank == 0)
 
-    from .console import fail
+    from .console import fail, quiet_imports
     from .errors import DevopsError
+
+    quiet_imports()
 
     try:
         from . import recipe, train

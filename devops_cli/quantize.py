@@ -1,0 +1,406 @@
+"""`devops-model quantize`: GPTQ int4/int8 calibrated on the user's own data, verified before it is saved.
+
+    options -> calibration texts (dataset name | jsonl/json/txt | bundled corpus) -> token blocks,
+    every few blocks held out for perplexity -> model (a LoRA adapter is merged first) -> perplexity
+    before -> transformer blocks and their linear groups found from the model -> GPTQ (optimum's
+    GPTQQuantizer on gptqmodel) -> saved into a temp dir beside --output -> reloaded with
+    AutoModelForCausalLM, perplexity after, a few generated tokens, sizes -> renamed into place.
+
+Checks the user can fail run before torch is imported (the too-short check needs the tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .console import info, warn
+from .errors import DevopsError
+from .quantize_data import open_source, token_blocks
+
+BITS = (4, 8)
+DTYPES = ("float16", "bfloat16")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class QuantizeOptions:
+    model: str | None = None
+    output: str | None = None
+    bits: int = 4
+    group_size: int = 128
+    desc_act: bool = False
+    damp_percent: float = 0.1  # GPTQ dampening: share of the mean Hessian diagonal added to it
+    calib: str | None = None  # None: the bundled DevOps corpus
+    calib_field: str | None = None  # jsonl/json: the text field (default: text | messages | instruction/output)
+    calib_samples: int = 128
+    calib_seq_len: int = 1024
+    eval_samples: int = 16  # held-out blocks for perplexity
+    dataset_dir: str = "bundled"
+    dtype: str = "float16"
+    device: str = "auto"
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+
+def check(o: QuantizeOptions, where=lambda flag: flag) -> None:
+    """Flag checks before anything heavy loads; `where(flag)` names the flag or its recipe line."""
+    if not o.model:
+        raise DevopsError("no model given", where("--model"), "pass --model PATH (a model or a LoRA adapter dir)")
+    if not o.output:
+        raise DevopsError("no output directory given", where("--output"), "pass --output DIR")
+    if o.bits not in BITS:
+        raise DevopsError(f"--bits {o.bits} is not supported", where("--bits"), "choose 4 or 8")
+    if o.group_size != -1 and o.group_size < 1:
+        raise DevopsError(f"--group-size {o.group_size} must be positive or -1", where("--group-size"),
+                          "use 128 (the usual) or -1 (one group per row)")
+    for flag, value, low in (("--calib-samples", o.calib_samples, 1), ("--calib-seq-len", o.calib_seq_len, 16),
+                             ("--eval-samples", o.eval_samples, 1)):
+        if value < low:
+            raise DevopsError(f"{flag} {value} must be >= {low}", where(flag))
+    if o.dtype not in DTYPES:
+        raise DevopsError(f"'{o.dtype}' is not a dtype for GPTQ", where("--dtype"), f"choose {' | '.join(DTYPES)}")
+    if o.device != "auto" and o.device != "cpu" and not o.device.startswith("cuda"):
+        raise DevopsError(f"'{o.device}' is not a device", where("--device"), "choose auto | cpu | cuda | cuda:N")
+    src, out = Path(o.model), Path(o.output)
+    if src.exists() and not (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
+        raise DevopsError(f"'{o.model}' has neither config.json nor adapter_config.json", where("--model"),
+                          "pass a model directory (save_pretrained) or a LoRA adapter directory")
+    if not src.exists() and (o.model.startswith((".", "/", "~")) or o.model.count("/") > 1):
+        raise DevopsError(f"model directory '{o.model}' not found", where("--model"), "check the path")
+    if src.exists() and out.resolve() == src.resolve():
+        raise DevopsError("--output is the model directory itself", where("--output"), "choose a new directory")
+    if out.exists() and not out.is_dir():
+        raise DevopsError(f"'{out}' exists and is a file", where("--output"), "choose a directory")
+    if out.is_dir() and any(out.iterdir()) and not o.overwrite:
+        raise DevopsError(f"'{out}' exists and is not empty", where("--output"),
+                          "choose another --output or pass --overwrite")
+
+
+def run(o: QuantizeOptions, where=lambda flag: flag) -> dict:
+    """Quantize, verify, save. Returns the report written to OUTPUT/quantize.json."""
+    check(o, where)
+    source = open_source(o.calib, o.calib_field, o.dataset_dir, where("--calib"))  # file checks, no torch
+    out = Path(o.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = out.parent / f".{out.name}.quantize-{os.getpid()}"  # beside the output: the rename stays on one disk
+    t_start = time.perf_counter()
+    try:
+        return _run(o, source, out, scratch, t_start)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # a failure midway leaves nothing behind
+
+
+def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -> dict:
+    missing = import_gptq_quietly()
+    import torch
+
+    from .modeling import adapter_base, load_model, load_tokenizer, merge_adapter
+
+    model_path, adapter = o.model, None
+    if (Path(o.model) / "adapter_config.json").is_file():
+        adapter = Path(o.model)
+        model_path = adapter_base(adapter)
+    has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else model_path, trust_remote_code=o.trust_remote_code)
+    blocks = token_blocks(source, tokenizer, o.calib_seq_len, o.calib_samples, o.eval_samples)
+    if missing:  # after the checks of the user's data, so those come first
+        raise DevopsError(f"GPTQ needs gptqmodel and optimum ({missing} is missing)",
+                          hint="pip install 'devops-model[quantize]' (CPU machines: with constraints.txt)")
+    if len(blocks.calib) < o.calib_samples:
+        warn(f"{source.name} holds {len(blocks.calib)} calibration samples of {o.calib_seq_len} tokens "
+             f"(asked for {o.calib_samples}); using them all")
+    info(f"calibration: {len(blocks.calib)} samples x {o.calib_seq_len} tokens from {source.name}; "
+         f"{len(blocks.held)} blocks held out for perplexity")
+    device = _device(o.device, torch)
+    dtype = getattr(torch, o.dtype)
+    if adapter is not None:
+        info(f"merging LoRA adapter {adapter} into {model_path} …")
+        model_path = str(merge_adapter(adapter, scratch / "merged", model_path, o.trust_remote_code))
+
+    t_load = time.perf_counter()
+    model = load_model(model_path, dtype, o.trust_remote_code).to(device).eval()
+    block_name, groups = find_blocks(model, blocks.calib[0][:16], device)
+    n_blocks = len(model.get_submodule(block_name))
+    linear_names = [f"{block_name}.{i}.{name}" for i in range(n_blocks) for group in groups for name in group]
+    fp16_linear = sum(_fp16_bytes(model.get_submodule(n)) for n in linear_names)
+    fp16_model = sum(p.numel() for p in model.parameters()) * 2
+    ppl_before = perplexity(model, blocks.held, device)
+    info(f"blocks: {block_name} x {n_blocks}; linears per block, by shared input: "
+         f"{' | '.join(' '.join(n.rsplit('.', 1)[-1] for n in g) for g in groups)}")
+    info(f"perplexity before: {ppl_before:.4f}")
+
+    t_quant = time.perf_counter()
+    quantizer = _quantize(model, tokenizer, o, blocks.calib, block_name, groups, device)
+    seconds_quant = time.perf_counter() - t_quant
+
+    staged = scratch / "out"
+    _save(quantizer, model, staged)
+    tokenizer.save_pretrained(str(staged))
+    del model
+    t_verify = time.perf_counter()
+    reloaded = load_model(str(staged), dtype, o.trust_remote_code).to(device).eval()
+    ppl_after = perplexity(reloaded, blocks.held, device)
+    sample = _generate(reloaded, tokenizer, blocks.held[0][:16], device)
+    seconds_verify = time.perf_counter() - t_verify
+
+    disk_before = _weights_bytes(Path(model_path)) if Path(model_path).is_dir() else None
+    tensors = _safetensors_bytes(staged)
+    linear_after = sum(b for name, b in tensors.items() if any(name.startswith(n + ".") for n in linear_names))
+    report = {
+        "model": o.model, "adapter": adapter and str(adapter), "output": str(out), "options": asdict(o),
+        "calibration": {"source": source.name, "samples": len(blocks.calib), "seq_len": o.calib_seq_len,
+                        "tokens_read": blocks.tokens_read},
+        "block_name": block_name, "blocks": n_blocks, "linear_groups": groups, "quantized_linears": len(linear_names),
+        "perplexity": {"before": ppl_before, "after": ppl_after, "increase": ppl_after / ppl_before - 1,
+                       "held_out_blocks": len(blocks.held), "held_out_tokens": len(blocks.held) * o.calib_seq_len},
+        "bytes": {"linear_fp16": fp16_linear, "linear_quantized": linear_after,
+                  "linear_ratio": linear_after / fp16_linear, "model_fp16": fp16_model,
+                  "weights_on_disk_before": disk_before, "weights_on_disk_after": sum(tensors.values()),
+                  "checkpoint_ratio_vs_fp16": sum(tensors.values()) / fp16_model},
+        "seconds": {"load_and_measure": t_quant - t_load, "quantize": seconds_quant, "verify": seconds_verify,
+                    "total": time.perf_counter() - t_start, "per_block": seconds_quant / n_blocks},
+        "sample_generation": sample, "device": str(device), "dtype": o.dtype, "versions": _versions(),
+    }  # fmt: skip
+    (staged / "quantize.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _replace(staged, out, scratch)
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: blocks, linear groups, GPTQ, perplexity
+# ----------------------------------------------------------------------------------------------
+def find_blocks(model, probe_ids: list[int], device) -> tuple[str, list[list[str]]]:
+    """The transformer blocks (the largest ModuleList of same-class modules holding Linear layers) and
+    the linear layers of one block grouped by the input they share, in call order (q,k,v | o | gate,up |
+    down for Qwen2), found by one short forward pass."""
+    import torch
+    from torch import nn
+
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
+            if any(isinstance(x, nn.Linear) for x in mod[0].modules()):
+                size = sum(p.numel() for p in mod.parameters())
+                if best is None or size > best[1]:
+                    best = (name, size)
+    if best is None:
+        raise DevopsError(f"cannot find the transformer blocks of this {type(model).__name__}",
+                          hint="GPTQ needs a ModuleList of decoder layers holding nn.Linear layers")
+    block_name = best[0]
+    block = model.get_submodule(block_name)[0]
+    calls: list[tuple[str, object]] = []  # (linear, its input tensor) — kept alive so no address is reused
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0])))
+             for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([probe_ids], device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, x in calls:
+        key = (x.data_ptr(), tuple(x.shape))
+        if any(name in g for g in groups):
+            continue
+        if key == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last = key
+    if not groups:
+        raise DevopsError(f"no linear layer of {block_name}[0] ran in a forward pass", hint="is this a causal LM?")
+    return block_name, groups
+
+
+def _quantize(model, tokenizer, o: QuantizeOptions, calib_blocks, block_name, groups, device):
+    import torch
+    from optimum.gptq import GPTQQuantizer
+    from optimum.gptq import quantizer as optimum_quantizer
+
+    dataset = [{"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+               for ids in calib_blocks]
+    q = GPTQQuantizer(bits=o.bits, dataset=dataset, group_size=o.group_size, desc_act=o.desc_act,
+                      act_group_aware=not o.desc_act,  # gptqmodel: the two orderings exclude each other
+                      damp_percent=o.damp_percent, block_name_to_quantize=block_name,
+                      modules_in_block_to_quantize=groups, model_seqlen=o.calib_seq_len)
+    with _block_progress(optimum_quantizer, len(model.get_submodule(block_name)), device):
+        q.quantize_model(model, tokenizer)
+    return q
+
+
+def _save(q, model, path: Path) -> None:
+    """optimum's GPTQQuantizer.save, with config.json telling the truth: it converts the weights to GPTQ v1
+    (what every GPTQ loader reads) but writes the config set while quantizing, which still says gptq_v2 —
+    a reload then shifts every zero point by one."""
+    from gptqmodel.utils.model import hf_convert_gptq_v2_to_v1_format
+
+    model, converted = hf_convert_gptq_v2_to_v1_format(model, q.sym, q.bits, q.quant_linear, q.format, q.meta)
+    if converted:
+        q.format = "gptq"
+    q.dataset = None  # the calibration tensors are not config
+    model.config.quantization_config = q.to_dict()
+    model.save_pretrained(str(path))
+
+
+def perplexity(model, blocks: list[list[int]], device) -> float:
+    """exp(mean next-token loss) over the held-out blocks (each block scored on its own)."""
+    import math
+
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for ids in blocks:
+            x = torch.tensor([ids], device=device)
+            total += model(input_ids=x, labels=x).loss.float().item()
+    return math.exp(total / len(blocks))
+
+
+def _generate(model, tokenizer, prompt_ids: list[int], device) -> dict:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids], device=device), max_new_tokens=8,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return {"prompt": tokenizer.decode(prompt_ids), "completion": tokenizer.decode(out[0, len(prompt_ids):])}
+
+
+@contextmanager
+def _block_progress(optimum_quantizer, n_blocks: int, device):
+    """One line per transformer block (its linears and seconds), read from optimum's log records;
+    optimum's own tqdm bars are switched off meanwhile."""
+    import logging
+
+    class Lines(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.INFO)
+            self.block, self.names, self.t = None, [], time.perf_counter()
+
+        def flush_block(self):
+            if self.block is not None:
+                info(f"  block {self.block}/{n_blocks}: {' '.join(self.names)}  "
+                     f"{time.perf_counter() - self.t:.1f} s")
+            self.block, self.names = None, []
+
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("Start quantizing block"):
+                self.flush_block()
+                self.block, self.t = int(msg.rsplit(" ", 1)[1].split("/")[0]), time.perf_counter()
+            elif msg.startswith("Quantizing ") and " in block " in msg:
+                self.names.append(msg.split(" ")[1].rsplit(".", 1)[-1])
+            elif msg.startswith("Packing model"):
+                self.flush_block()
+                info("  packing the quantized weights …")
+
+    log = logging.getLogger(optimum_quantizer.__name__)
+    handler, old = Lines(), (log.level, log.propagate, optimum_quantizer.tqdm)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    optimum_quantizer.tqdm = lambda iterable, *args, **kwargs: iterable
+    restore_cpu = None
+    if device.type == "cpu" and optimum_quantizer.has_device_more_than_cpu():
+        # optimum moves each block to GPU 0 whenever one exists; --device cpu means cpu
+        restore_cpu = optimum_quantizer.has_device_more_than_cpu
+        optimum_quantizer.has_device_more_than_cpu = lambda: False
+    info(f"GPTQ {n_blocks} blocks on {device} …")
+    try:
+        yield
+    finally:
+        handler.flush_block()
+        log.removeHandler(handler)
+        log.level, log.propagate, optimum_quantizer.tqdm = old
+        if restore_cpu is not None:
+            optimum_quantizer.has_device_more_than_cpu = restore_cpu
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment, sizes, files
+# ----------------------------------------------------------------------------------------------
+def _device(name: str, torch):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DevopsError(f"--device {name}, but torch sees no CUDA GPU", hint="use --device cpu or auto")
+    if name == "cpu":
+        # gptqmodel sizes its CPU worker pool from this; on a 2-core machine it fails without it
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
+    return torch.device(name)
+
+
+def import_gptq_quietly() -> str | None:
+    """Import gptqmodel + optimum (returns the name of a missing one). They print a banner and INFO lines
+    at import and while packing; keep the tool's output ours (DEVOPS_MODEL_DEBUG=1 shows everything)."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    debug = bool(os.environ.get("DEVOPS_MODEL_DEBUG"))
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    missing = None
+    with contextlib.redirect_stdout(io.StringIO() if not debug else sys.stdout), \
+            contextlib.redirect_stderr(io.StringIO() if not debug else sys.stderr):
+        try:
+            import gptqmodel  # noqa: F401
+            import optimum.gptq  # noqa: F401
+        except ImportError as e:
+            missing = e.name or "gptqmodel"
+    if debug:
+        return missing
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("logbar", "optimum"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # deepspeed (pulled in by transformers while saving) resets its logger's level on import; a filter stays
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+    return missing
+
+
+def _fp16_bytes(linear) -> int:
+    return (linear.weight.numel() + (linear.bias.numel() if linear.bias is not None else 0)) * 2
+
+
+def _weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES)
+
+
+def _safetensors_bytes(path: Path) -> dict[str, int]:
+    """{tensor name: bytes} read from the safetensors headers (no tensor is loaded)."""
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, meta in header.items():
+            if name != "__metadata__":
+                start, end = meta["data_offsets"]
+                out[name] = end - start
+    return out
+
+
+def _replace(staged: Path, out: Path, scratch: Path) -> None:
+    """Move the verified checkpoint into place; an old output (--overwrite) goes only once the new one is there."""
+    old = None
+    if out.exists():
+        old = scratch / "previous"
+        out.rename(old)
+    staged.rename(out)
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "optimum", "gptqmodel")}

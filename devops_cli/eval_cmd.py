@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import DevopsError, DevopsErrors
+from .recipe import apply_flags, read_command_recipe
 
 Opt = typer.Option
 
@@ -48,14 +48,8 @@ def eval_command(
              "chat": chat, "system": system, "adapter": adapter, "batch_size": batch_size, "dtype": dtype,
              "device": device, "output": output, "limit": limit, "trust_remote_code": trust_remote_code or None}  # fmt: skip
     values, origin = read_recipe(recipe) if recipe is not None else ({}, {})
-    for key, value in flags.items():
-        if value is not None:
-            values[key] = str(value) if isinstance(value, Path) else value
-            origin.pop(key, None)
+    values, where = apply_flags(values, origin, flags)
     options = evaluate.EvalOptions(**values)
-
-    def where(flag: str) -> str:
-        return origin.get(flag.lstrip("-").replace("-", "_"), flag)
 
     result = evaluate.run(options, where)
     path = evaluate.write(result, Path(options.output) if options.output else evaluate.default_output(options))
@@ -66,36 +60,13 @@ def eval_command(
 
 
 def read_recipe(path: Path) -> tuple[dict, dict]:
-    """An eval recipe: keys are the flags' names (model_name_or_path works for model). Read with the
-    recipe loader's YAML reader, so errors name file:line."""
-    from .recipe import _did_you_mean, _read_yaml, coerce
-
-    data, lines = _read_yaml(path)
-    fields = {f.name: f for f in dataclasses.fields(_options_class())}
-    types = {"shots": (int,), "limit": (int, type(None)), "chat": (bool, type(None)), "trust_remote_code": (bool,),
-             "batch_size": (str, int)}  # fmt: skip
-    values, origin, errors = {}, {}, []
-    for key, value in data.items():
-        where = f"{path}:{lines.get(key, 1)}"
-        name = "model" if key == "model_name_or_path" else key
-        if name not in fields:
-            hint = _did_you_mean(str(key), fields) or f"keys: {', '.join(fields)}"
-            errors.append(DevopsError(f"unknown key '{key}'", where, hint))
-            continue
-        allowed = types.get(name, (str, type(None)))
-        try:
-            value = coerce(value, allowed)
-        except ValueError:
-            errors.append(DevopsError(f"{key} expects {' or '.join(t.__name__ for t in allowed)}, got {value!r}", where))
-            continue
-        values[name] = str(value) if name == "batch_size" else value
-        origin[name] = f"{where} ({key})"
-    if errors:
-        raise DevopsErrors(errors)
-    return values, origin
-
-
-def _options_class():
+    """An eval recipe: keys are the flags' names (model_name_or_path works for model)."""
     from .evaluate import EvalOptions
 
-    return EvalOptions
+    types = {"shots": (int,), "limit": (int, type(None)), "chat": (bool, type(None)), "trust_remote_code": (bool,),
+             "batch_size": (str, int)}  # fmt: skip
+    values, origin = read_command_recipe(path, (f.name for f in dataclasses.fields(EvalOptions)), types,
+                                         {"model_name_or_path": "model"})
+    if "batch_size" in values:
+        values["batch_size"] = str(values["batch_size"])
+    return values, origin

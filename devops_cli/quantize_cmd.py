@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import DevopsError, DevopsErrors
+from .recipe import apply_flags, read_command_recipe
 
 Opt = typer.Option
 
@@ -54,14 +54,8 @@ def quantize_command(
              "eval_samples": eval_samples, "dataset_dir": dataset_dir, "dtype": dtype, "device": device,
              "overwrite": overwrite or None, "trust_remote_code": trust_remote_code or None}  # fmt: skip
     values, origin = read_recipe(recipe) if recipe is not None else ({}, {})
-    for key, value in flags.items():
-        if value is not None:
-            values[key] = str(value) if isinstance(value, Path) else value
-            origin.pop(key, None)
+    values, where = apply_flags(values, origin, flags)
     options = quantize.QuantizeOptions(**values)
-
-    def where(flag: str) -> str:
-        return origin.get(flag.lstrip("-").replace("-", "_"), flag)
 
     report = quantize.run(options, where)
     console.print(table(report))
@@ -92,32 +86,10 @@ def table(r: dict):
 
 
 def read_recipe(path: Path) -> tuple[dict, dict]:
-    """A quantize recipe: keys are the flags' names (model_name_or_path / output_dir work too). Read with
-    the recipe loader's YAML reader, so errors name file:line."""
+    """A quantize recipe: keys are the flags' names (model_name_or_path / output_dir work too)."""
     from .quantize import QuantizeOptions
-    from .recipe import _did_you_mean, _read_yaml, coerce
 
-    data, lines = _read_yaml(path)
-    fields = {f.name: f for f in dataclasses.fields(QuantizeOptions)}
-    alias = {"model_name_or_path": "model", "output_dir": "output"}
     types = {"bits": (int,), "group_size": (int,), "calib_samples": (int,), "calib_seq_len": (int,),
              "eval_samples": (int,), "desc_act": (bool,), "overwrite": (bool,), "trust_remote_code": (bool,)}  # fmt: skip
-    values, origin, errors = {}, {}, []
-    for key, value in data.items():
-        where = f"{path}:{lines.get(key, 1)}"
-        name = alias.get(key, key)
-        if name not in fields:
-            hint = _did_you_mean(str(key), fields) or f"keys: {', '.join(fields)}"
-            errors.append(DevopsError(f"unknown key '{key}'", where, hint))
-            continue
-        allowed = types.get(name, (str, type(None)))
-        try:
-            value = coerce(value, allowed)
-        except ValueError:
-            errors.append(DevopsError(f"{key} expects {' or '.join(t.__name__ for t in allowed)}, got {value!r}", where))
-            continue
-        values[name] = value
-        origin[name] = f"{where} ({key})"
-    if errors:
-        raise DevopsErrors(errors)
-    return values, origin
+    return read_command_recipe(path, (f.name for f in dataclasses.fields(QuantizeOptions)), types,
+                               {"model_name_or_path": "model", "output_dir": "output"})

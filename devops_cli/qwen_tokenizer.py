@@ -44,9 +44,23 @@ def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes
     return parts[0], parts[1]
 
 
+def qwen_pipeline(tok):
+    """A `tokenizers.Tokenizer` with Qwen's text pipeline: NFC, the Qwen regex split, byte-level BPE pieces.
+    Qwen2Tokenizer re-applies exactly this on load, so ids survive a save/reload."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
 def build_tokenizer(tiktoken_file: Path):
     """qwen.tiktoken -> a fast tokenizer that encodes exactly like tiktoken with Qwen's regex and NFC."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -63,13 +77,7 @@ def build_tokenizer(tiktoken_file: Path):
             merges.append((text(pair[0]), text(pair[1])))
     bpe = models.BPE({text(t): r for t, r in ranks.items()}, merges, fuse_unk=False,
                      ignore_merges=True)  # a piece that is a token is that token, as in tiktoken
-    tok = Tokenizer(bpe)
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
-    tok.decoder = decoders.ByteLevel()
+    tok = qwen_pipeline(Tokenizer(bpe))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     assert tok.token_to_id("<|extra_204|>") == SPECIAL_START + len(SPECIALS) - 1
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",

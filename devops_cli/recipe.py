@@ -323,3 +323,45 @@ def read_resolved(path: Path) -> dict:
     """The key: value mapping of a recipe.yaml that devops-model wrote into an output_dir."""
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f) or {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes of flag-driven commands (eval, quantize): keys are the flags' names, flags win
+# ----------------------------------------------------------------------------------------------
+def read_command_recipe(path: Path, fields, types: dict[str, tuple], alias: dict[str, str]) -> tuple[dict, dict]:
+    """{field: value} and {field: "file:line (key)"} of a command's recipe; a key not in `types` is a
+    string or null. Every problem is reported at once, as for training recipes."""
+    data, lines = _read_yaml(path)
+    fields = list(fields)
+    values, origin, errors = {}, {}, []
+    for key, value in data.items():
+        where = f"{path}:{lines.get(key, 1)}"
+        name = alias.get(key, key)
+        if name not in fields:
+            errors.append(DevopsError(f"unknown key '{key}'", where,
+                                      _did_you_mean(str(key), fields) or f"keys: {', '.join(fields)}"))
+            continue
+        allowed = types.get(name, (str, type(None)))
+        try:
+            values[name] = coerce(value, allowed)
+        except ValueError:
+            errors.append(DevopsError(f"{key} expects {_describe(allowed)}, got {value!r}", where))
+            continue
+        origin[name] = f"{where} ({key})"
+    if errors:
+        raise DevopsErrors(errors)
+    return values, origin
+
+
+def apply_flags(values: dict, origin: dict, flags: dict):
+    """Flags given on the command line (not None) override recipe values. Returns the values and
+    where(flag) -> the recipe line a value came from, else the flag itself, for error messages."""
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = str(value) if isinstance(value, Path) else value
+            origin.pop(key, None)
+
+    def where(flag: str) -> str:
+        return origin.get(flag.lstrip("-").replace("-", "_"), flag)
+
+    return values, where

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .dataset_info import BUNDLED_DIR
 from .errors import DevopsError
-from .qwen_tokenizer import QWEN_REGEX
+from .qwen_tokenizer import qwen_pipeline
 from .templates import CHATML
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -38,16 +38,10 @@ def bundled_texts():
 
 
 def train_tokenizer(vocab_size: int = 4096, texts=None):
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])  # fmt: skip
-    tok.decoder = decoders.ByteLevel()
+    tok = qwen_pipeline(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts if texts is not None else bundled_texts(), trainer)

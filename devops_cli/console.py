@@ -34,7 +34,27 @@ def quiet_imports() -> None:
     """Third-party import-time noise stays out of our output: torchao (installed with the quantize extra)
     reports CUDA kernels it cannot load and torch deprecations on every transformers import."""
     import logging
+    import warnings
 
     if not os.environ.get("DEVOPS_MODEL_DEBUG"):
         for name in ("torchao", "torch.utils._pytree"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def import_quietly(module: str) -> bool:
+    """Import a library that prints a banner on import (gptqmodel writes one to stdout, which would
+    corrupt `chat --json`); peft imports gptqmodel whenever it is installed. False if it is absent."""
+    import contextlib
+    import importlib
+    import importlib.util
+    import io
+
+    if importlib.util.find_spec(module) is None:
+        return False
+    if os.environ.get("DEVOPS_MODEL_DEBUG"):
+        importlib.import_module(module)
+    else:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            importlib.import_module(module)
+    return True

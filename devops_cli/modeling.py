@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .console import import_quietly
 from .convert import resolve_model, watch_seq_length
 from .errors import DevopsError
 from .templates import CHATML, DEFAULT
@@ -66,6 +67,7 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
 
 
 def add_lora(model, rank: int, alpha: float, dropout: float, target: str, gradient_checkpointing: bool):
+    import_quietly("gptqmodel")  # before peft, which imports it (and its stdout banner) when installed
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = "all-linear" if target == "all" else [t.strip() for t in target.split(",") if t.strip()]
@@ -91,6 +93,7 @@ def adapter_base(adapter_dir: Path) -> str:
 
 def apply_adapter(model, adapter_dir: str | Path, base: str):
     """model with a LoRA adapter merged in (generation then runs at the base model's speed)."""
+    import_quietly("gptqmodel")  # before peft, which imports it (and its stdout banner) when installed
     from peft import PeftModel
 
     try:

@@ -46,10 +46,10 @@ demo: $(STAMP)
 	  $(DM) eval $$m --data-dir ../shared/data/devops-exam --shots 5 --output $(DEMO)/eval/devops-exam-5shot.json; fi
 	@echo; echo "chat, one-shot, with the sft model (a tiny model trained for seconds: expect rough text):"
 	$(DM) chat --model $(DEMO)/sft-merged --prompt "How do I find out why a pod keeps restarting?" \
-	  --max-new-tokens 64 --seed 0
+	  --max-new-tokens 64 --seed 0 --temperature 0.7 --top-p 0.9 --repetition-penalty 1.2
 	@echo; echo "chat, one-shot, with the int4 GPTQ model of the same weights ($(DEMO)/int4):"
 	$(DM) chat --model $(DEMO)/int4 --prompt "How do I find out why a pod keeps restarting?" \
-	  --max-new-tokens 64 --seed 0
+	  --max-new-tokens 64 --seed 0 --temperature 0.7 --top-p 0.9 --repetition-penalty 1.2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check devops_cli tests bench

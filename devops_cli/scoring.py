@@ -8,6 +8,14 @@ Speed without changing a prediction:
 - The per-question suffixes are sorted by length and batched with right padding. Under the causal
   mask a real token never sees a pad to its right, so padding changes no logit; logits are read at
   each row's last real token, through the output embedding rows of the four options only.
+- Batches are cut where they waste the least padding (`batches`, a small dynamic programme), not at a
+  fixed row count: padding added 27% to the real tokens of the 5-shot exam, now 4%.
+- The last decoder layer runs its attention for every token (their keys and values are needed) but its
+  MLP for each row's last token only (`_LastTokenLayer`, for the plain pre-norm layers of Qwen2, Llama,
+  Mistral, Qwen3): about a fifth of the matrix products.
+- On CPU, SDPA reads the grouped key/value heads as they are instead of a per-head copy.
+Measured on the 4x512 random Qwen2, 5 shots, 1 thread: scoring 22.1 s -> 12.4 s (best of 6 alternating
+full runs on a busy 2-core machine).
 
 `reference()` is the plain way (whole prompt, batch of one, full vocabulary logits): the tests and
 the bench compare against it.
@@ -15,6 +23,7 @@ the bench compare against it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -91,40 +100,161 @@ class Scorer:
 
     @torch.inference_mode()
     def score(self, prompts: list[list[int]], keys: list, batch_size: int | None = None, on_done=None) -> torch.Tensor:
-        """(N, 4) logits. batch_size None = auto (by a token budget). on_done(n) after each batch."""
+        """(N, 4) logits. batch_size None = auto (batches cut to waste the least padding). on_done(n)
+        after each batch."""
         from transformers import DynamicCache
 
         out = torch.empty(len(prompts), len(self.option_ids))
         pad = 0
-        for g in plan(prompts, keys):
-            kv = None
-            if g.prefix:
-                x = torch.tensor([g.prefix], device=self.device)
-                cache = self.decoder(input_ids=x, use_cache=True).past_key_values
-                kv = [(layer.keys, layer.values) for layer in cache.layers]
-            members = sorted(g.members, key=lambda m: -len(m[1]))
-            start = 0
-            while start < len(members):
-                rows = batch_size or auto_rows(len(members[start][1]), len(g.prefix))
-                batch = members[start : start + rows]
-                start += len(batch)
-                n, width = len(batch), len(batch[0][1])
-                x = torch.full((n, width), pad, dtype=torch.long, device=self.device)
-                for r, (_, suffix) in enumerate(batch):
-                    x[r, : len(suffix)] = torch.tensor(suffix)
+        with self._last_token_only() as last_only, _gqa_in_sdpa(self.device):
+            for g in plan(prompts, keys):
+                kv = None
                 p = len(g.prefix)
-                pos = torch.arange(p, p + width, device=self.device).expand(n, width)
-                past = None if kv is None else self._expand(DynamicCache, kv, n)
-                mask = torch.ones((n, p + width), dtype=torch.long, device=self.device)
-                hidden = self.decoder(input_ids=x, position_ids=pos, attention_mask=mask, past_key_values=past,
-                                      use_cache=past is not None).last_hidden_state  # fmt: skip
-                last = torch.tensor([len(s) - 1 for _, s in batch], device=self.device)
-                logits = self._logits(hidden[torch.arange(n, device=self.device), last]).cpu()
-                for r, (i, _) in enumerate(batch):
-                    out[i] = logits[r]
-                if on_done:
-                    on_done(n)
+                if g.prefix:
+                    x = torch.tensor([g.prefix], device=self.device)
+                    with self._full_last_layer():
+                        cache = self.decoder(input_ids=x, use_cache=True).past_key_values
+                    kv = [(layer.keys, layer.values) for layer in cache.layers]
+                members = sorted(g.members, key=lambda m: -len(m[1]))
+                lengths = [len(s) for _, s in members]
+                cuts = [(i, i + batch_size) for i in range(0, len(members), batch_size)] if batch_size else \
+                    batches(lengths, p, self.attention_ratio)  # fmt: skip
+                for a, b in cuts:
+                    batch = members[a:b]
+                    n, width = len(batch), len(batch[0][1])
+                    x = torch.full((n, width), pad, dtype=torch.long, device=self.device)
+                    for r, (_, suffix) in enumerate(batch):
+                        x[r, : len(suffix)] = torch.tensor(suffix)
+                    pos = torch.arange(p, p + width, device=self.device).expand(n, width)
+                    past = None if kv is None else self._expand(DynamicCache, kv, n)
+                    mask = torch.ones((n, p + width), dtype=torch.long, device=self.device)
+                    last = torch.tensor([len(s) - 1 for _, s in batch], device=self.device)
+                    if last_only is not None:
+                        last_only.last = last
+                    hidden = self.decoder(input_ids=x, position_ids=pos, attention_mask=mask, past_key_values=past,
+                                          use_cache=past is not None).last_hidden_state  # fmt: skip
+                    rows = torch.arange(n, device=self.device)
+                    logits = self._logits(hidden[:, 0] if last_only is not None else hidden[rows, last]).cpu()
+                    for r, (i, _) in enumerate(batch):
+                        out[i] = logits[r]
+                    if on_done:
+                        on_done(n)
         return out
+
+    @property
+    def attention_ratio(self) -> float:
+        """Weights of one decoder layer per attention width (query x head dim): how many keys one query
+        attends to cost as much as the token's own matrix products."""
+        layers = getattr(self.decoder, "layers", None)
+        config = self.model.config.get_text_config()
+        width = getattr(config, "num_attention_heads", 0) * (getattr(config, "head_dim", None)
+                                                             or config.hidden_size // max(config.num_attention_heads, 1))
+        if not layers or not width:
+            return 4096.0
+        return sum(t.numel() for t in layers[-1].parameters()) / (2 * width)
+
+    @contextmanager
+    def _last_token_only(self):
+        """Only the last real token of a row reaches the logits, and the last decoder layer feeds no
+        cache: its MLP (and what follows the attention) runs for that one token per row. Done by
+        swapping in a wrapper of the layer itself (its own modules, same order of operations), for the
+        pre-norm layers whose forward is exactly attention-residual, MLP-residual; others run whole."""
+        layers = getattr(self.decoder, "layers", None)
+        layer = layers[-1] if layers is not None and len(layers) else None
+        if type(layer).__name__ not in _PLAIN_LAYERS or not all(hasattr(layer, a) for a in
+                                                               ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")):  # fmt: skip
+            yield None
+            return
+        wrapper = _LastTokenLayer(layer)
+        layers[-1] = wrapper
+        self._wrapper = wrapper
+        try:
+            yield wrapper
+        finally:
+            layers[-1] = layer
+            self._wrapper = None
+
+    @contextmanager
+    def _full_last_layer(self):
+        """The prefix pass fills every layer's cache: the last layer runs whole there."""
+        wrapper = getattr(self, "_wrapper", None)
+        if wrapper is None:
+            yield
+            return
+        self.decoder.layers[-1] = wrapper.layer
+        try:
+            yield
+        finally:
+            self.decoder.layers[-1] = wrapper
+
+
+@contextmanager
+def _gqa_in_sdpa(device):
+    """On CPU, let SDPA read grouped key/value heads as they are (enable_gqa) rather than have
+    transformers copy them out per query head first (what it does whenever a mask is passed): about
+    half the attention time, same numbers. transformers reads this switch at every attention call."""
+    import os
+
+    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    before = os.environ.get(name)
+    if device.type == "cpu":
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+# decoder layers whose forward is: h + attn(norm1(h)), then h + mlp(norm2(h)) (checked in transformers 5)
+_PLAIN_LAYERS = {"Qwen2DecoderLayer", "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen3DecoderLayer"}
+
+
+class _LastTokenLayer(torch.nn.Module):
+    """The last decoder layer, attention for every token (its keys and values are needed), the rest for
+    each row's last real token only (`last`, set per batch). Returns (rows, 1, hidden)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.last = None
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, **kwargs):  # fmt: skip
+        layer = self.layer
+        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                                  position_embeddings=position_embeddings, **kwargs)  # fmt: skip
+        rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
+        h = (hidden_states[rows, self.last] + attn[rows, self.last])[:, None]
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def batches(lengths: list[int], prefix: int, ratio: float, budget: int = 4096, max_rows: int = 64,
+            overhead: int = 64) -> list[tuple[int, int]]:
+    """Cut suffixes sorted longest first into batches [a, b) that cost the least in all: a batch costs
+    rows x width padded tokens, each token its weights plus attention over prefix + width keys
+    (`ratio` keys cost one token's weights), plus `overhead` tokens per forward. A batch holds at most
+    `auto_rows` rows."""
+    m = len(lengths)
+    best = [0.0] + [float("inf")] * m  # best[j]: cheapest cut of lengths[:j]
+    cut = [0] * (m + 1)
+    for j in range(1, m + 1):
+        for i in range(j - 1, -1, -1):
+            w = lengths[i]
+            rows = j - i
+            if rows > auto_rows(w, prefix, budget, max_rows):
+                break
+            c = best[i] + rows * w * (1 + (prefix + w) / ratio) + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], m
+    while j:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
 
 
 def auto_rows(width: int, prefix: int, budget: int = 4096, max_rows: int = 64) -> int:

@@ -94,6 +94,9 @@ def plan(r: Recipe, env=os.environ) -> Launch:
         port = port or free_port()
     if nnodes < 1 or nproc < 1:
         raise DevopsError(f"nnodes ({nnodes}) and nproc_per_node ({nproc}) must be >= 1")
+    if nnodes > 1 and src["master_addr"] == "default":  # each node would wait on its own 127.0.0.1
+        raise DevopsError(f"{nnodes} nodes [{src['nnodes']}] but no master address",
+                          hint="set master_addr=<node 0's address> or MASTER_ADDR on every node")
     if not 0 <= node_rank < nnodes:
         raise DevopsError(f"node rank {node_rank} [{src['node_rank']}] is not below nnodes {nnodes} [{src['nnodes']}]",
                           hint="set node_rank=0..nnodes-1 on each node")

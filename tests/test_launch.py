@@ -32,9 +32,15 @@ def test_llamafactory_convention_wins_over_codefuse_and_recipe_wins_over_env():
     assert (plan.nnodes, plan.node_rank, plan.nproc_per_node) == (1, 0, 2) and plan.sources["nnodes"] == "recipe"
 
 
+def test_several_nodes_need_a_master_address():
+    with pytest.raises(DevopsError, match=r"2 nodes \[env NNODES\] but no master address"):
+        launch.plan(_r(), env={"NNODES": "2", "NODE_RANK": "1"})
+    assert launch.plan(_r(master_addr="10.0.0.1"), env={"NNODES": "2", "NODE_RANK": "1"}).master_addr == "10.0.0.1"
+
+
 def test_node_rank_out_of_range_from_env():
     with pytest.raises(DevopsError, match=r"node rank 3 \[env RANK\] is not below nnodes 2 \[env WORLD_SIZE\]"):
-        launch.plan(_r(), env={"WORLD_SIZE": "2", "RANK": "3"})
+        launch.plan(_r(), env={"WORLD_SIZE": "2", "RANK": "3", "MASTER_ADDR": "h"})
 
 
 def test_argv_is_a_list_and_paths_with_spaces_survive(tmp_path, data_dir, tiny_model):

@@ -31,6 +31,31 @@ def test_scorer_on_hand_made_logits():
     assert [(g.prefix, g.members) for g in groups] == [([7, 8], [(0, [1]), (1, [2, 3])]), ([5], [(2, [1])])]
 
 
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "mistral-sliding"])
+def test_scorer_equals_reference_on_other_architectures(arch):
+    """The last-token-only last layer (own query/attention path for Qwen2, Llama, Qwen3 incl. its q/k
+    norms; the model's attention for a sliding window) against whole prompts scored alone."""
+    import transformers
+
+    kinds = {"qwen2": "Qwen2", "llama": "Llama", "qwen3": "Qwen3", "mistral-sliding": "Mistral"}
+    config_class = getattr(transformers, f"{kinds[arch]}Config")
+    model_class = getattr(transformers, f"{kinds[arch]}ForCausalLM")
+    extra = {"sliding_window": 24} if arch == "mistral-sliding" else {}
+    config = config_class(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, **extra)
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(5, 97, (20,), generator=g).tolist()
+    prompts_ = [shared + torch.randint(5, 97, (n,), generator=g).tolist() for n in (1, 3, 9, 4, 12)]
+    prompts_ += [torch.randint(5, 97, (n,), generator=g).tolist() for n in (6, 2)]  # a group of its own each
+    keys = ["few-shot"] * 5 + ["x", "y"]
+    scorer = Scorer(model, [5, 6, 7, 8])
+    reference = torch.stack([scorer.reference(p) for p in prompts_])
+    for batch_size in (None, 2):
+        got = scorer.score(prompts_, keys, batch_size)
+        assert (got - reference).abs().max().item() < 1e-4
 def test_summary_is_micro_overall_and_macro(tmp_path):
     from devops_cli.exam import Subject
 

@@ -96,9 +96,9 @@ class Reply:
         return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-class _QueueStreamer:
-    """transformers streamer that only hands token ids to the consumer; decoding happens off the
-    generation thread so streaming costs the decode loop as little as possible.
+class _Tokens:
+    """Token ids from the generation thread to the consumer; decoding happens off the generation
+    thread so streaming costs the decode loop as little as possible.
 
     The first token is handed over synchronously: after queueing it the generation thread blocks
     until the consumer has taken it (`taken`). Otherwise the consumer, woken by the queue, would wait
@@ -109,31 +109,15 @@ class _QueueStreamer:
         self.queue: queue.Queue = queue.Queue()
         self.done = threading.Event()
         self.taken = threading.Event()
-        self._prompt_seen = False
 
-    def put(self, value):
-        if not self._prompt_seen:  # generate() first puts the prompt
-            self._prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
+    def put(self, token_id: int):
+        self.queue.put(token_id)
         if not self.taken.is_set():
             self.taken.wait(1.0)  # the consumer sets it on the first token (and on any exit)
 
     def end(self):
         self.queue.put(None)
         self.done.set()
-
-
-class _StopOnEvent:
-    """Stopping criterion: stop when the event is set (Ctrl-C, or the consumer gave up)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -334,30 +318,25 @@ class ChatSession:
 
     def _generate(self, ids: list[int], on_text, start: float) -> Reply:
         import torch
-        from transformers import StoppingCriteriaList
+
+        from .decode import stream
 
         stop = threading.Event()
         model = self.model
         # from a buffer: a tenth of torch.tensor(list)'s time (~0.1 ms for an 800-token prompt)
         input_ids = (torch.frombuffer(array.array("q", ids), dtype=torch.int64).view(1, -1) if ids else
                      torch.tensor([ids], dtype=torch.int64)).to(model.device)
-        streamer = _QueueStreamer()
-        kwargs = dict(self.settings)
-        if not kwargs.get("do_sample"):  # greedy: sampling knobs would only draw warnings
-            for name in ("temperature", "top_p", "top_k"):
-                kwargs.pop(name, None)
-        kwargs.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                      stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]), eos_token_id=self.stop_ids,
-                      pad_token_id=self.tokenizer.pad_token_id)
+        tokens = _Tokens()
         failure: list[BaseException] = []
 
         def work():
             try:
                 with torch.inference_mode():
-                    model.generate(**kwargs)
+                    stream(model, input_ids, self.settings, self.stop_ids, tokens.put, stop.is_set)
             except BaseException as e:  # handed to the caller's thread
                 failure.append(e)
-                streamer.end()
+            finally:
+                tokens.end()
 
         future = self._worker().submit(work)
         out: list[int] = []
@@ -370,15 +349,15 @@ class ChatSession:
             while not finished:
                 try:
                     while True:
-                        item = streamer.queue.get()
+                        item = tokens.queue.get()
                         if item is None:
                             finished = True
                             break
                         if first is None:
                             first = time.perf_counter() - start
-                            streamer.taken.set()  # the generation thread goes on
-                        out += item
-                        if streamer.queue.empty():
+                            tokens.taken.set()  # the generation thread goes on
+                        out.append(item)
+                        if tokens.queue.empty():
                             break
                     if not stopped and on_text is not None:
                         text = stable + self._decode(out[mark:])  # decode only since the last whitespace
@@ -389,12 +368,12 @@ class ChatSession:
                             if text.endswith((" ", "\n")):
                                 stable, mark = text, len(out)
                     if not finished:
-                        streamer.done.wait(_FRAME)  # let tokens gather: at most ~50 updates a second
+                        tokens.done.wait(_FRAME)  # let tokens gather: at most ~50 updates a second
                 except KeyboardInterrupt:
                     stopped = True
                     stop.set()
         finally:  # on any exit (an error in on_text, a closed pipe) stop the generation thread first
-            streamer.taken.set()
+            tokens.taken.set()
             if not future.done():
                 stop.set()
             while not future.done():

@@ -80,6 +80,49 @@ def test_streamed_text_is_the_reply(fresh):
     assert "".join(d for d, _ in chunks) == reply.text == chunks[-1][1]
 
 
+@pytest.mark.parametrize("settings", [
+    {"do_sample": False},
+    {"do_sample": False, "repetition_penalty": 1.3},
+    {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "min_new_tokens": 30},
+    {"do_sample": True},  # generate's default top_k 50
+], ids=["greedy", "greedy-penalty", "sampled-all-knobs", "sampled-defaults"])
+def test_decode_gives_generates_tokens(fresh, settings):
+    """The chat's own decode loop against model.generate: same tokens, greedy and (same seed) sampled."""
+    import torch
+
+    from devops_cli.decode import stream
+
+    settings = {**settings, "max_new_tokens": 40}
+    _, ids, _ = fresh.prepare("why is my pod pending?")
+    x = torch.tensor([ids])
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        reference = fresh.model.generate(x, attention_mask=torch.ones_like(x), eos_token_id=fresh.stop_ids,
+                                         pad_token_id=fresh.tokenizer.pad_token_id, **settings)[0, x.shape[1]:]
+    torch.manual_seed(3)
+    got: list[int] = []
+    with torch.inference_mode():
+        stream(fresh.model, x, settings, fresh.stop_ids, got.append, lambda: False)
+    assert got == reference.tolist()
+
+
+def test_decode_stops_at_a_stop_id_and_when_asked(fresh):
+    import torch
+
+    from devops_cli.decode import stream
+
+    x = torch.tensor([fresh.prepare("hello")[1]])
+    got: list[int] = []
+    with torch.inference_mode():
+        stream(fresh.model, x, {"max_new_tokens": 50, "do_sample": False}, [], got.append, lambda: len(got) == 3)
+    assert len(got) == 3
+    first = got[0]
+    got.clear()
+    with torch.inference_mode():  # the first greedy token made a stop id: it is handed over, then the end
+        stream(fresh.model, x, {"max_new_tokens": 50, "do_sample": False}, [first], got.append, lambda: False)
+    assert got == [first]
+
+
 def test_window_drops_oldest_turns_and_says_so(fresh):
     for q in ("first question about disks", "second question about memory", "third question about cpu"):
         fresh.send(q)

@@ -21,9 +21,14 @@ DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty":
 
 def processors(settings: dict, prompt_len: int, stop_ids: list[int]):
     """transformers' logits processors for these settings, in the order generate() applies them."""
-    from transformers import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
-                              RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)  # fmt: skip
+    from transformers import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,  # fmt: skip
+    )
 
     s = {**DEFAULTS, **{k: v for k, v in settings.items() if v is not None}}
     out = LogitsProcessorList()

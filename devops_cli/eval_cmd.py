@@ -39,6 +39,7 @@ def eval_command(
     limit: Annotated[int | None, Opt("--limit", help="score only the first N questions of each subject",
                                         show_default=False)] = None,
     trust_remote_code: Annotated[bool, Opt("--trust-remote-code", help="run the model's own Python code")] = False,
+    overwrite: Annotated[bool, Opt("--overwrite", help="replace an existing --output")] = False,
 ) -> None:
     """The 574-question DevOps exam, 0-5 shots, first-token scoring: [bold]devops-model eval --model PATH --shots 5[/]"""
     from . import evaluate
@@ -46,13 +47,14 @@ def eval_command(
 
     flags = {"model": model, "shots": shots, "data_dir": data_dir, "subjects": subjects, "protocol": protocol,
              "chat": chat, "system": system, "adapter": adapter, "batch_size": batch_size, "dtype": dtype,
-             "device": device, "output": output, "limit": limit, "trust_remote_code": trust_remote_code or None}  # fmt: skip
+             "device": device, "output": output, "limit": limit, "trust_remote_code": trust_remote_code or None, "overwrite": overwrite or None}  # fmt: skip
     values, origin = read_recipe(recipe) if recipe is not None else ({}, {})
     values, where = apply_flags(values, origin, flags)
     options = evaluate.EvalOptions(**values)
+    path = evaluate.output_path(options, where)
 
     result = evaluate.run(options, where)
-    path = evaluate.write(result, Path(options.output) if options.output else evaluate.default_output(options))
+    evaluate.write(result, path)
     console.print(evaluate.table(result))
     t = result["timings"]
     console.print(f"[green]done[/]: {result['overall']['correct']}/{result['overall']['n']} correct, "
@@ -63,7 +65,7 @@ def read_recipe(path: Path) -> tuple[dict, dict]:
     """An eval recipe: keys are the flags' names (model_name_or_path works for model)."""
     from .evaluate import EvalOptions
 
-    types = {"shots": (int,), "limit": (int, type(None)), "chat": (bool, type(None)), "trust_remote_code": (bool,),
+    types = {"shots": (int,), "limit": (int, type(None)), "chat": (bool, type(None)), "trust_remote_code": (bool,), "overwrite": (bool,),
              "batch_size": (str, int)}  # fmt: skip
     values, origin = read_command_recipe(path, (f.name for f in dataclasses.fields(EvalOptions)), types,
                                          {"model_name_or_path": "model"})

@@ -41,6 +41,7 @@ class EvalOptions:
     output: str | None = None  # None: runs/eval/<model>-<protocol>-<k>shot.json
     limit: int | None = None
     trust_remote_code: bool = False
+    overwrite: bool = False  # replace an existing --output
 
 
 def check(o: EvalOptions, where=lambda flag: flag) -> None:
@@ -225,9 +226,21 @@ def summarise(o, subjects, records, chat, why, option_strings, device, dtype, ba
     }  # fmt: skip
 
 
-def default_output(o: EvalOptions) -> Path:
+def output_path(o: EvalOptions, where=lambda flag: flag) -> Path:
+    """Where the results go, decided before anything runs. An existing --output is replaced only with
+    --overwrite; the default name gets the time appended instead of replacing an earlier result."""
+    if o.output:
+        path = Path(o.output)
+        if path.is_dir():
+            raise DevopsError(f"'{path}' is a directory", where("--output"), "name a .json file")
+        if path.exists() and not o.overwrite:
+            raise DevopsError(f"'{path}' exists", where("--output"), "choose another --output, or pass --overwrite")
+        return path
     name = Path(o.adapter or o.model.rstrip("/")).name or "model"
-    return Path("runs") / "eval" / f"{name}-{o.protocol}-{o.shots}shot.json"
+    path = Path("runs") / "eval" / f"{name}-{o.protocol}-{o.shots}shot.json"
+    if path.exists() and not o.overwrite:
+        path = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    return path
 
 
 def write(result: dict, path: Path) -> Path:

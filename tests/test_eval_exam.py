@@ -101,6 +101,29 @@ def test_other_flags(exam):
     assert "not in" in fails("--data-dir", str(exam))  # the six DevOps subjects are not in the sample
 
 
+def test_existing_output_is_kept_unless_overwrite(exam, tmp_path, monkeypatch):
+    out = tmp_path / "results.json"
+    out.write_text("earlier results")
+    line = fails("--data-dir", str(exam), "--subjects", "all", "--output", str(out))
+    assert f"--output: '{out}' exists" in line and "--overwrite" in line and out.read_text() == "earlier results"
+    # with --overwrite the run goes on (here to the missing model), the file is replaced only by results
+    r = run_cli("eval", "--model", str(tmp_path / "no-model"), "--data-dir", str(exam), "--subjects", "all",
+                "--output", str(out), "--overwrite")
+    assert r.returncode == 2 and "no-model" in r.stderr and "exists" not in r.stderr, r.stderr
+    assert out.read_text() == "earlier results"
+    # the default name never replaces an earlier result: the time is appended
+    from devops_cli.evaluate import EvalOptions, output_path
+
+    monkeypatch.chdir(tmp_path)
+    o = EvalOptions(model="runs/my-model/", protocol="devops-eval", shots=5)
+    assert output_path(o) == Path("runs/eval/my-model-devops-eval-5shot.json")
+    output_path(o).parent.mkdir(parents=True)
+    output_path(o).write_text("{}")
+    again = output_path(o)
+    assert again.parent == Path("runs/eval") and again.name.startswith("my-model-devops-eval-5shot-")
+    assert output_path(EvalOptions(model="runs/my-model", shots=5, overwrite=True)).name == "my-model-devops-eval-5shot.json"
+
+
 def test_short_dev_file_against_shots(exam):
     path = exam / "cmmlu" / "dev" / "devops_practice.csv"
     path.write_text("".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[:3]), encoding="utf-8")

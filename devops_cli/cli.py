@@ -172,7 +172,7 @@ app.command()(keys)
 
 # commands that leave nothing to clean up when they succeed (results and transcripts are written and
 # closed, no worker processes): they end without the interpreter's teardown of torch and transformers,
-# which takes ~0.7 s -- 4% of a whole 5-shot exam on a small model, most of a one-shot chat's start-up.
+# which takes ~0.7 s (4% of a whole 5-shot exam on a small model; a fifth of a one-shot chat on it).
 _NO_TEARDOWN = ("eval", "chat")
 
 
@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         fail("interrupted")
         code = 130
-    args = sys.argv[1:] if argv is None else argv
-    if not code and args and args[0] in _NO_TEARDOWN and "torch" in sys.modules:
+    # only as the process itself (console script, python -m): a caller passing argv keeps running
+    if argv is None and not code and sys.argv[1:2] and sys.argv[1] in _NO_TEARDOWN and "torch" in sys.modules:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

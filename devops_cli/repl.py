@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -70,6 +71,10 @@ class Repl:
 
     def run(self) -> int:
         s = self.session
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # started as a background job of a non-interactive shell (`cmd &` in a script), which ignores
+            # SIGINT: the REPL promises that Ctrl-C stops a reply, so it takes Ctrl-C back
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         console.print(f"[bold]devops-model chat[/] · {escape(s.model_name)}"
                       + (f" + {escape(s.adapter)}" if s.adapter else "")
                       + f" · window {s.window()} tokens · seed {s.seed}", soft_wrap=True)

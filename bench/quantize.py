@@ -27,25 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def train_tiny(out: Path, steps: int) -> Path:
-    import torch
+    from devops_cli.tiny import build, train_briefly
 
-    from devops_cli.modeling import load_model, load_tokenizer
-    from devops_cli.tiny import build, bundled_texts
-
-    build(out / "base", hidden_size=128)
-    tok = load_tokenizer(str(out / "base"))
-    model = load_model(str(out / "base"), torch.float32)
-    ids = [i for t in bundled_texts() for i in tok(t)["input_ids"] + [tok.eos_token_id]]
-    blocks = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        batch = blocks[torch.randint(0, len(blocks), (8,), generator=g)]
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(out / "tiny")
-    tok.save_pretrained(out / "tiny")
+    train_briefly(build(out / "base", hidden_size=128), out / "tiny", steps)
     return out / "tiny"
 
 

@@ -44,28 +44,11 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """The tiny Qwen2 (hidden 128, 2 layers) trained 120 steps on the bundled corpus (loss ~8.3 -> ~6.3)."""
-    from devops_cli.modeling import load_model, load_tokenizer
-    from devops_cli.tiny import build, bundled_texts
+    from devops_cli.tiny import build, train_briefly
 
     root = tmp_path_factory.mktemp("quantize")
-    build(root / "base", hidden_size=128)
-    tok = load_tokenizer(str(root / "base"))
-    model = load_model(str(root / "base"), torch.float32)
-    ids = [i for text in bundled_texts() for i in tok(text)["input_ids"] + [tok.eos_token_id]]
-    blocks = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
-    g = torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    first = None
-    for _ in range(120):
-        batch = blocks[torch.randint(0, len(blocks), (8,), generator=g)]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        first = first or loss.item()
-    assert loss.item() < first - 1.0, "the model did not train"
-    model.save_pretrained(root / "trained")
-    tok.save_pretrained(root / "trained")
+    first, last = train_briefly(build(root / "base", hidden_size=128), root / "trained", steps=120)
+    assert last < first - 1.0, "the model did not train"
     return root / "trained"
 
 

@@ -2,20 +2,41 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Without a GPU, pin torch to the CPU build (also inside build isolation, via PIP_CONSTRAINT);
-# with nvidia-smi on PATH pip picks the ordinary CUDA torch.
+EXTRAS := .[deepspeed,dev,quantize]
+# requirements.lock: every Python package at the version the test suite passed on (written by
+# `make lock`, never by hand), except torch. Without a GPU, torch is pinned to the CPU build
+# (constraints.txt); with nvidia-smi on PATH pip picks the ordinary CUDA torch and its CUDA libraries.
+# Both apply inside build isolation too (PIP_CONSTRAINT).
+LOCK   := $(CURDIR)/requirements.lock
 PIN    := $(if $(shell command -v nvidia-smi 2>/dev/null),,$(CURDIR)/constraints.txt)
 PYTEST ?= -q
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench clean lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	PIP_CONSTRAINT=$(PIN) DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[deepspeed,dev,quantize]'
+	PIP_CONSTRAINT="$(PIN) $(LOCK)" $(PY) -m pip install -q --upgrade pip setuptools wheel
+	PIP_CONSTRAINT="$(PIN) $(LOCK)" DS_BUILD_OPS=0 $(PY) -m pip install -q -e '$(EXTRAS)'
 	touch $(STAMP)
+
+# Re-resolve every dependency to its newest release in a new venv, run the whole suite there, and
+# rewrite requirements.lock only if it passes (then `make install` moves .venv to the new lock).
+NEW := .venv-lock
+lock:
+	rm -rf $(NEW) && python3 -m venv $(NEW)
+	PIP_CONSTRAINT="$(PIN)" $(NEW)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	PIP_CONSTRAINT="$(PIN)" DS_BUILD_OPS=0 $(NEW)/bin/python -m pip install -q -e '$(EXTRAS)'
+	$(NEW)/bin/python -m pytest $(PYTEST)
+	{ echo "# The tested stack: written by 'make lock' (pip freeze of a new venv in which the whole suite passed)."; \
+	  echo "# torch is pinned by constraints.txt on CPU machines and left to pip on GPU machines; tested with"; \
+	  echo "# $$($(NEW)/bin/python -m pip freeze | grep '^torch==') on Python $$($(NEW)/bin/python -c 'import platform; print(platform.python_version())'), $$(date -u +%Y-%m-%d)."; \
+	  $(NEW)/bin/python -m pip freeze --all --exclude-editable | grep -v -E '^(torch|nvidia-.*|triton)=='; \
+	} > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf $(NEW)
+	@echo "requirements.lock rewritten; 'git diff requirements.lock' shows what moved"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST)
@@ -58,4 +79,4 @@ bench: $(STAMP)
 	set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(NEW) runs .pytest_cache

@@ -11,9 +11,9 @@ seed gives the same tokens as generate with the same settings (tests/test_chat.p
 
 from __future__ import annotations
 
-import inspect
-
 import torch
+
+from .hfcompat import cache_kwarg, takes_logits_to_keep
 
 # generate()'s defaults for a setting the model's generation_config leaves unset
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0, "min_new_tokens": 0}
@@ -60,10 +60,10 @@ def stream(model, input_ids: torch.Tensor, settings: dict, stop_ids: list[int], 
     seq = torch.empty((1, n + steps), dtype=torch.long, device=input_ids.device)
     seq[:, :n] = input_ids
     cache = DynamicCache(config=model.config)
-    extra = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+    extra = {cache_kwarg(model): cache, **({"logits_to_keep": 1} if takes_logits_to_keep(model) else {})}
     x = input_ids
     for step in range(steps):
-        logits = model(input_ids=x, past_key_values=cache, use_cache=True, **extra).logits[:, -1].float()
+        logits = model(input_ids=x, use_cache=True, **extra).logits[:, -1].float()
         if chain:
             logits = chain(seq[:, : n + step], logits)
         token = torch.multinomial(logits.softmax(-1), 1) if sample else logits.argmax(-1, keepdim=True)
@@ -74,10 +74,3 @@ def stream(model, input_ids: torch.Tensor, settings: dict, stop_ids: list[int], 
             return
         x = token
 
-
-def _takes_logits_to_keep(model) -> bool:
-    """Most causal LMs of transformers 5 compute the vocabulary projection only for the kept positions."""
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False

@@ -188,7 +188,8 @@ def run(o: EvalOptions, where=lambda flag: flag) -> dict:
     with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:  # fmt: skip
         task = bar.add_task("scoring", total=n)
-        logits = scorer.score(ids, keys, batch, on_done=lambda k: bar.advance(task, k))
+        logits = scorer.score(ids, keys, batch, on_progress=lambda k: bar.update(task, completed=k),
+                              describe=lambda i: f"{records[i]['subject']} question {records[i]['id']}")
     t3 = time.perf_counter()
     predicted = predict(logits)
     for r, p, row in zip(records, predicted, logits.tolist()):
@@ -196,13 +197,13 @@ def run(o: EvalOptions, where=lambda flag: flag) -> dict:
         r["predicted"] = LETTERS[p]
         r["correct"] = r["predicted"] == r["gold"]
         r["logits"] = [round(x, 6) for x in row]
-    return summarise(o, subjects, records, chat, why, option_strings, device, dtype, batch,
+    return summarise(o, subjects, records, chat, why, option_strings, device, dtype, batch, scorer.used,
                      {"prepare_s": t1 - t0, "load_model_s": t2 - t1, "score_s": t3 - t2,
                       "total_s": time.perf_counter() - t0, "questions_per_s": n / max(t3 - t2, 1e-9),
                       "tokens_scored": sum(map(len, ids))})  # fmt: skip
 
 
-def summarise(o, subjects, records, chat, why, option_strings, device, dtype, batch, timings) -> dict:
+def summarise(o, subjects, records, chat, why, option_strings, device, dtype, batch, scorer, timings) -> dict:
     import torch
     import transformers
 
@@ -216,7 +217,7 @@ def summarise(o, subjects, records, chat, why, option_strings, device, dtype, ba
         "model": o.model, "adapter": o.adapter, "protocol": o.protocol, "shots": o.shots, "chat": chat,
         "chat_reason": why, "system": (o.system or prompts.DEVOPS_SYSTEM) if chat else None,
         "options_scored": option_strings, "data": o.data_dir or "hub", "device": device, "dtype": dtype,
-        "batch_size": batch or "auto", "subjects": per,
+        "batch_size": batch or "auto", "scorer": scorer, "subjects": per,
         "overall": {"n": n, "correct": correct, "accuracy_micro": 100 * correct / n,
                     "accuracy_macro": sum(v["accuracy"] for v in per.values()) / len(per)},
         "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()},

@@ -17,17 +17,23 @@ Speed without changing a prediction:
 Measured on the 4x512 random Qwen2, 5 shots, 1 thread: scoring 22.1 s -> 12.4 s (best of 6 alternating
 full runs on a busy 2-core machine).
 
-`reference()` is the plain way (whole prompt, batch of one, full vocabulary logits): the tests and
-the bench compare against it.
+`reference()` is the plain way (whole prompt, batch of one, the model's own forward and head): the
+tests and the bench compare against it, and so does every run. Before the scores of a prefix group are
+trusted, one of its questions (the shortest row of its first batch: the most right padding next to
+the longest suffix, on the shared prefix) is scored the plain way too. Beyond `tolerance()` the run
+warns, naming the transformers release, and scores every question the plain way: a fast wrong answer
+is the one outcome this module must not produce. `Scorer.used` says which path gave the numbers.
 """
 
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
+
+from .hfcompat import cache_kwarg, output_cache, takes_logits_to_keep
 
 
 @dataclass
@@ -67,6 +73,8 @@ class Scorer:
         self.device = next(model.parameters()).device
         head = model.get_output_embeddings()
         self.decoder = model.get_decoder()
+        self.cache_name = cache_kwarg(self.decoder)
+        self.used = "fast"
         config = model.config.get_text_config()
         # models that post-process logits (soft-capping, scaling) go through their own head
         self.plain_head = (head is not None and not getattr(config, "final_logit_softcapping", None)
@@ -77,10 +85,15 @@ class Scorer:
             self.b = head.bias[ids].detach() if getattr(head, "bias", None) is not None else None
 
     @torch.inference_mode()
-    def reference(self, ids: list[int]) -> torch.Tensor:
-        """The plain way: the whole prompt alone, full logits, last position, four option ids."""
+    def reference(self, ids: list[int], keep_cache: bool = False):
+        """The plain way: the whole prompt alone through the model's own forward and head (its own
+        `logits_to_keep=1` where it has one), last position, four option ids. keep_cache: also
+        return the KV cache that forward filled."""
         x = torch.tensor([ids], device=self.device)
-        return self.model(input_ids=x).logits[0, -1, self.option_ids].float().cpu()
+        extra = {"logits_to_keep": 1} if takes_logits_to_keep(self.model) else {}
+        out = self.model(input_ids=x, use_cache=keep_cache, **extra)
+        logits = out.logits[0, -1, self.option_ids].float().cpu()
+        return (logits, output_cache(out)) if keep_cache else logits
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.plain_head:
@@ -99,28 +112,78 @@ class Scorer:
             layer.keys, layer.values = k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
         return cache
 
+    def score(self, prompts: list[list[int]], keys: list, batch_size: int | None = None, on_progress=None,
+              check: bool = True, describe=lambda i: f"question {i}") -> torch.Tensor:
+        """(N, 4) logits. batch_size None = auto (batches cut to waste the least padding).
+        on_progress(done) after each batch. check: the run-time self-check of every prefix group
+        against the plain forward (see the module's docstring); describe(i) names question i in its
+        warning."""
+        self.used = "fast"
+        try:
+            return self._fast(prompts, keys, batch_size, on_progress, check)
+        except SelfCheckFailed as failed:
+            import transformers
+
+            from .console import warn
+
+            i, diff, tol = failed.args
+            why = (f"{describe(i)}: max |logit diff| {diff:.3g} > {tol:.3g} ({self.dtype_name}) "
+                   f"on transformers {transformers.__version__}")
+            warn(f"eval: the fast scorer failed its self-check against a plain forward pass on {why}; "
+                 "scoring this run with the plain path instead (slower, same numbers as a whole-prompt forward)")
+            self.used = f"plain (fast path failed self-check: {why})"
+            return self.plain(prompts, on_progress)
+
     @torch.inference_mode()
-    def score(self, prompts: list[list[int]], keys: list, batch_size: int | None = None, on_done=None) -> torch.Tensor:
-        """(N, 4) logits. batch_size None = auto (batches cut to waste the least padding). on_done(n)
-        after each batch."""
+    def plain(self, prompts: list[list[int]], on_progress=None) -> torch.Tensor:
+        """Every prompt the plain way, one at a time."""
+        out = torch.empty(len(prompts), len(self.option_ids))
+        for i, ids in enumerate(prompts):
+            out[i] = self.reference(ids)
+            if on_progress and (i % 16 == 15 or i == len(prompts) - 1):
+                on_progress(i + 1)
+        return out
+
+    @property
+    def dtype_name(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    def tolerance(self, reference: torch.Tensor) -> float:
+        """How far the fast path may be from the plain one: 1e-3 in float32 (both are exact up to the
+        order of float additions: 2e-7 measured on the exam), scaled to the format's precision in
+        bfloat16/float16 (measured on the exam, tiny and mid models: 2e-3 and 8e-3 in bfloat16, 2e-4 and
+        1e-3 in float16), relative to the size of the logits."""
+        base = {"float32": 1e-3, "float64": 1e-6, "float16": 1e-2, "bfloat16": 5e-2}.get(self.dtype_name, 5e-2)
+        return base * max(1.0, reference.abs().max().item())
+
+    @torch.inference_mode()
+    def _fast(self, prompts, keys, batch_size, on_progress, check) -> torch.Tensor:
         from transformers import DynamicCache
 
         out = torch.empty(len(prompts), len(self.option_ids))
-        pad = 0
+        pad, done = 0, 0
         with self._last_token_only() as last_only, _gqa_in_sdpa(self.device):
             for g in plan(prompts, keys):
-                kv = None
                 p = len(g.prefix)
-                if g.prefix:
-                    x = torch.tensor([g.prefix], device=self.device)
-                    with self._full_last_layer():
-                        cache = self.decoder(input_ids=x, use_cache=True).past_key_values
-                    kv = [(layer.keys, layer.values) for layer in cache.layers]
                 members = sorted(g.members, key=lambda m: -len(m[1]))
                 lengths = [len(s) for _, s in members]
                 cuts = [(i, i + batch_size) for i in range(0, len(members), batch_size)] if batch_size else \
                     batches(lengths, p, self.attention_ratio)  # fmt: skip
-                for a, b in cuts:
+                # the question checked: the shortest row of the first batch (the most right padding,
+                # beside the widest suffix). Its plain whole-prompt forward also fills the prefix's KV
+                # cache (causal: the first p positions' keys and values are the prefix's own), so the
+                # check costs only that question's own tokens once more.
+                probe, kv = members[min(cuts[0][1], len(members)) - 1][0], None
+                if check:
+                    with self._library_layers(last_only):
+                        reference, cache = self.reference(prompts[probe], keep_cache=True)
+                    kv = _prefix_kv(cache, p, len(prompts[probe]))
+                if p and kv is None:
+                    x = torch.tensor([g.prefix], device=self.device)
+                    with self._full_last_layer():
+                        cache = output_cache(self.decoder(input_ids=x, use_cache=True))
+                    kv = [(layer.keys, layer.values) for layer in cache.layers]
+                for first, (a, b) in enumerate(cuts):
                     batch = members[a:b]
                     n, width = len(batch), len(batch[0][1])
                     x = torch.full((n, width), pad, dtype=torch.long, device=self.device)
@@ -132,15 +195,33 @@ class Scorer:
                     last = torch.tensor([len(s) - 1 for _, s in batch], device=self.device)
                     if last_only is not None:
                         last_only.last = last
-                    hidden = self.decoder(input_ids=x, position_ids=pos, attention_mask=mask, past_key_values=past,
-                                          use_cache=past is not None).last_hidden_state  # fmt: skip
+                    hidden = self.decoder(input_ids=x, position_ids=pos, attention_mask=mask, use_cache=past is not None,
+                                          **{self.cache_name: past}).last_hidden_state  # fmt: skip
                     rows = torch.arange(n, device=self.device)
                     logits = self._logits(hidden[:, 0] if last_only is not None else hidden[rows, last]).cpu()
+                    if check and first == 0:
+                        diff, tol = (logits[-1] - reference).abs().max().item(), self.tolerance(reference)
+                        if not diff <= tol:  # NaN fails too
+                            raise SelfCheckFailed(probe, diff, tol)
                     for r, (i, _) in enumerate(batch):
                         out[i] = logits[r]
-                    if on_done:
-                        on_done(n)
+                    done += n
+                    if on_progress:
+                        on_progress(done)
         return out
+
+    @contextmanager
+    def _library_layers(self, last_only):
+        """The model as transformers built it, for the plain reference in the middle of a fast run."""
+        import os
+
+        gqa = os.environ.pop(GQA_SWITCH, None)
+        try:
+            with self._full_last_layer() if last_only is not None else nullcontext():
+                yield
+        finally:
+            if gqa is not None:
+                os.environ[GQA_SWITCH] = gqa
 
     @property
     def attention_ratio(self) -> float:
@@ -189,6 +270,22 @@ class Scorer:
             self.decoder.layers[-1] = wrapper
 
 
+def _prefix_kv(cache, p: int, n: int):
+    """The first p positions of every layer of a cache filled by an n-token forward, or None when p is
+    0 or a layer did not keep all n (a sliding window)."""
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    if not p or any(k is None or k.shape[-2] != n for k, _ in kv):
+        return None
+    return [(k[:, :, :p], v[:, :, :p]) for k, v in kv]
+
+
+class SelfCheckFailed(Exception):
+    """(question index, max |logit diff|, tolerance): the fast path disagreed with the plain one."""
+
+
+GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
 @contextmanager
 def _gqa_in_sdpa(device):
     """On CPU, let SDPA read grouped key/value heads as they are (enable_gqa) rather than have
@@ -196,7 +293,7 @@ def _gqa_in_sdpa(device):
     half the attention time, same numbers. transformers reads this switch at every attention call."""
     import os
 
-    name = "TRANSFORMERS_SDPA_FORCE_GQA"
+    name = GQA_SWITCH
     before = os.environ.get(name)
     if device.type == "cpu":
         os.environ[name] = "1"
@@ -225,28 +322,27 @@ class _LastTokenLayer(torch.nn.Module):
         super().__init__()
         self.layer = layer
         self.last = None
+        self.cache_name = cache_kwarg(layer)  # what the decoder passes the cache as, to this layer
         attn = layer.self_attn
         window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
         rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
         self.rotary = rotary if window is None and all(hasattr(attn, a) for a in _ATTN_PARTS) else None
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                position_embeddings=None, **kwargs):  # fmt: skip
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         layer = self.layer
         n = hidden_states.shape[0]
         rows = torch.arange(n, device=hidden_states.device)
         x = layer.input_layernorm(hidden_states)
         if self.rotary is None or position_embeddings is None:
-            attn, _ = layer.self_attn(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=past_key_values, use_cache=use_cache,
+            attn, _ = layer.self_attn(hidden_states=x, attention_mask=attention_mask,
                                       position_embeddings=position_embeddings, **kwargs)  # fmt: skip
             attn = attn[rows, self.last][:, None]
         else:
-            attn = self._last_query(x, rows, position_embeddings, past_key_values)
+            attn = self._last_query(x, rows, position_embeddings, kwargs.get(self.cache_name))
         h = hidden_states[rows, self.last][:, None] + attn
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _last_query(self, x, rows, position_embeddings, past_key_values):
+    def _last_query(self, x, rows, position_embeddings, cache):
         a = self.layer.self_attn
         n, width, _ = x.shape
         q = a.q_proj(x[rows, self.last][:, None]).view(n, 1, -1, a.head_dim)
@@ -257,8 +353,8 @@ class _LastTokenLayer(torch.nn.Module):
         cos, sin = position_embeddings
         q, _ = self.rotary(q.transpose(1, 2), q.transpose(1, 2), cos[rows, self.last][:, None], sin[rows, self.last][:, None])
         _, k = self.rotary(k.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, a.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, a.layer_idx)
         keys = k.shape[2]
         # row r sees the prefix and its own tokens up to its last real one (pads lie to the right)
         visible = torch.arange(keys, device=x.device) <= (keys - width + self.last)[:, None]

@@ -54,7 +54,7 @@ def test_scorer_equals_reference_on_other_architectures(arch):
     scorer = Scorer(model, [5, 6, 7, 8])
     reference = torch.stack([scorer.reference(p) for p in prompts_])
     for batch_size in (None, 2):
-        got = scorer.score(prompts_, keys, batch_size)
+        got = scorer.score(prompts_, keys, batch_size, check=False)  # the fast path itself, no fallback
         assert (got - reference).abs().max().item() < 1e-4
 def test_summary_is_micro_overall_and_macro(tmp_path):
     from devops_cli.exam import Subject
@@ -63,7 +63,7 @@ def test_summary_is_micro_overall_and_macro(tmp_path):
     subjects = [Subject("a", "cmmlu", "甲"), Subject("b", "ceval", "乙")]
     records = ([{"subject": "a", "correct": c} for c in (True, True, True, False)]
                + [{"subject": "b", "correct": c} for c in (False, True)])  # fmt: skip
-    r = evaluate.summarise(o, subjects, records, False, "why", ["A"], "cpu", "float32", None, {})
+    r = evaluate.summarise(o, subjects, records, False, "why", ["A"], "cpu", "float32", None, "fast", {})
     assert r["subjects"]["a"]["accuracy"] == 75.0 and r["subjects"]["b"]["accuracy"] == 50.0
     assert r["overall"]["accuracy_micro"] == pytest.approx(400 / 6) and r["overall"]["accuracy_macro"] == 62.5
 
@@ -118,10 +118,11 @@ def test_batched_equals_one_at_a_time_for_all_574(five_shot, tiny_model):
     finally:
         torch.set_num_threads(threads)
     batched = torch.tensor([q["logits"] for q in result["questions"]])
+    assert result["scorer"] == "fast"  # the fast path passed its own self-check (no plain fallback)
     assert (reference - batched).abs().max().item() < 1e-3
     assert predict(reference) == ["ABCD".index(q["predicted"]) for q in result["questions"]]
     # and a fixed small batch size (other padding, other batch shapes) gives the same
-    again = scorer.score(ids[:60], keys[:60], batch_size=7)
+    again = scorer.score(ids[:60], keys[:60], batch_size=7, check=False)
     assert (again - reference[:60]).abs().max().item() < 1e-3
 
 
@@ -151,6 +152,7 @@ def test_chat_mode_on_the_bundled_exam(tiny_model, tmp_path):
     o = evaluate.EvalOptions(model=str(tiny_model), shots=3, data_dir=str(BUNDLED_EXAM), subjects="all", chat=True)
     result = evaluate.run(o)
     assert result["chat"] is True and result["system"] == "you are a helpful assistant"
+    assert result["scorer"] == "fast"
     assert result["overall"]["n"] == 22
     tok = load_tokenizer(str(tiny_model))
     ids, _, _ = evaluate.encode_all(tok, o, evaluate.load_exam(o), chat=True)
@@ -161,3 +163,30 @@ def test_chat_mode_on_the_bundled_exam(tiny_model, tmp_path):
     # the default for a base model is off, and says why
     off = evaluate.run(evaluate.EvalOptions(model=str(tiny_model), data_dir=str(BUNDLED_EXAM), subjects="all"))
     assert off["chat"] is False and "base model" in off["chat_reason"]
+
+
+def test_self_check_catches_a_broken_fast_path(tiny_model, monkeypatch, capsys):
+    """The last-layer shortcut made to drop the shared prefix (what transformers 5.24's cache rename did
+    to it): the run warns once naming the transformers release, scores with the plain path, says so in
+    its result, and its logits are the plain forward's."""
+    import transformers
+
+    from devops_cli import scoring
+    from devops_cli.modeling import load_model, load_tokenizer
+
+    real = scoring._LastTokenLayer._last_query
+    monkeypatch.setattr(scoring._LastTokenLayer, "_last_query",
+                        lambda self, x, rows, pe, cache: real(self, x, rows, pe, None))  # fmt: skip
+    o = evaluate.EvalOptions(model=str(tiny_model), shots=3, data_dir=str(BUNDLED_EXAM), subjects="all")
+    result = evaluate.run(o)
+    err = capsys.readouterr().err
+    assert err.count("failed its self-check") == 1 and f"transformers {transformers.__version__}" in err
+    assert result["scorer"].startswith("plain (fast path failed self-check: ")
+    tok = load_tokenizer(str(tiny_model))
+    ids, keys, _ = evaluate.encode_all(tok, o, evaluate.load_exam(o), chat=False)
+    scorer = Scorer(load_model(str(tiny_model), torch.float32).eval(), prompts.option_ids(tok, list("ABCD"), "tiny"))
+    reference = torch.stack([scorer.reference(x) for x in ids])
+    assert (reference - torch.tensor([q["logits"] for q in result["questions"]])).abs().max().item() < 1e-5
+    # and the broken path really is wrong: without the check it would have been returned
+    broken = scorer.score(ids, keys, check=False)
+    assert (broken - reference).abs().max().item() > 1e-2

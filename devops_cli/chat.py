@@ -157,6 +157,9 @@ class ChatSession:
         self.stop_ids = sorted(i for i in ids if i is not None)
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None) or 2048
+        self.decoder = "own loop"  # or the plain path's record, once the loop failed its self-check
+        self._stream = None
+        self._check = self._start_self_check()
 
     # --- settings --------------------------------------------------------------------------------
     def window(self) -> int:
@@ -192,7 +195,7 @@ class ChatSession:
         return f"{name} = {value}"
 
     def describe(self) -> dict:
-        return {**self.settings, "seed": self.seed, "max_window": self.window()}
+        return {**self.settings, "seed": self.seed, "max_window": self.window(), "decoder": self.decoder}
 
     # --- prompt ----------------------------------------------------------------------------------
     def messages(self, user: str, start: int | None = None) -> list[dict]:
@@ -319,8 +322,7 @@ class ChatSession:
     def _generate(self, ids: list[int], on_text, start: float) -> Reply:
         import torch
 
-        from .decode import stream
-
+        stream = self._decode_fn()
         stop = threading.Event()
         model = self.model
         # from a buffer: a tenth of torch.tensor(list)'s time (~0.1 ms for an 800-token prompt)
@@ -393,6 +395,31 @@ class ChatSession:
         if stopped and on_text is not None:
             text = shown  # the reply is what the user saw
         return Reply(text, len(ids), len(out), seconds, first, stopped=stopped)
+
+    def _start_self_check(self):
+        """decode.self_check on a short prompt of this session's own template, in the generation thread,
+        while the user types; the first reply waits for it."""
+        import torch
+
+        from .decode import self_check
+
+        ids = self.encode(self.messages("Hello"))[1]
+        x = torch.tensor([ids], dtype=torch.int64, device=self.model.device)
+        return self._worker().submit(self_check, self.model, x, dict(self.settings))
+
+    def _decode_fn(self):
+        """The loop that decodes: ours, or generate's when ours failed its self-check (warned once)."""
+        from . import guard
+        from .decode import stream, stream_generate
+
+        if self._stream is None:
+            why = self._check.result()
+            if why is None:
+                self._stream = stream
+            else:
+                self.decoder = guard.fallback("chat", "decode loop", why, "model.generate")
+                self._stream = stream_generate
+        return self._stream
 
     def _worker(self):
         """One generation thread for the whole session: a fresh thread per reply pays torch's per-thread

@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from .console import err_console, is_rank0, warn
 from .errors import DevopsError
+from .hfcompat import NEW, OLD
 from .qwen_tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
 
 STOP_IDS = [151643, 151645, 151644]  # <|endoftext|>, <|im_end|>, <|im_start|>: v1 chat stops on each
@@ -429,11 +430,13 @@ def watch_seq_length(model) -> None:
         return
 
     def hook(module, args, kwargs):
-        seen = [kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds"),
-                kwargs.get("attention_mask")]
-        n = max([x.shape[1] for x in seen if x is not None and x.dim() > 1] or [0])
-        if (cache_position := kwargs.get("cache_position")) is not None and cache_position.numel():
-            n = max(n, int(cache_position.max()) + 1)
+        new = [kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")]
+        n = max([x.shape[1] for x in new if x is not None and x.dim() > 1] or [0])
+        cache = kwargs.get(NEW, kwargs.get(OLD))  # decoding: the tokens already cached come first
+        if hasattr(cache, "get_seq_length"):
+            n += cache.get_seq_length()
+        if (mask := kwargs.get("attention_mask")) is not None and mask.dim() > 1:
+            n = max(n, mask.shape[1])
         if not getattr(module, "_qwen_v1_warned", False) and (message := past_seq_length(module.config, n)):
             module._qwen_v1_warned = True
             warn(message)

@@ -26,3 +26,10 @@ class DevopsErrors(DevopsError):
 
     def line(self) -> str:
         return "\n".join(e.line() for e in self.errors)
+
+
+class SelfCheckError(DevopsError):
+    """A library's result failed devops-model's own check of it (a library release that behaves
+    differently, not the user's input): one line, exit code 1, nothing written."""
+
+    exit_code = 1

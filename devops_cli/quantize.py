@@ -140,12 +140,15 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
     quantizer = _quantize(model, tokenizer, o, blocks.calib, block_name, groups, device)
     seconds_quant = time.perf_counter() - t_quant
 
+    probe = blocks.held[0]
+    quantized = _last_logits(model, probe, device)
     staged = scratch / "out"
     _save(quantizer, model, staged)
     tokenizer.save_pretrained(str(staged))
     del model
     t_verify = time.perf_counter()
     reloaded = load_model(str(staged), dtype, o.trust_remote_code).to(device).eval()
+    round_trip = _check_round_trip(quantized, _last_logits(reloaded, probe, device), dtype)
     ppl_after = perplexity(reloaded, blocks.held, device)
     sample = _generate(reloaded, tokenizer, blocks.held[0][:16], device)
     seconds_verify = time.perf_counter() - t_verify
@@ -166,7 +169,7 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
                   "checkpoint_ratio_vs_fp16": sum(tensors.values()) / fp16_model},
         "seconds": {"load_and_measure": t_quant - t_load, "quantize": seconds_quant, "verify": seconds_verify,
                     "total": time.perf_counter() - t_start, "per_block": seconds_quant / n_blocks},
-        "sample_generation": sample, "device": str(device), "dtype": o.dtype, "versions": _versions(),
+        "round_trip_max_logit_diff": round_trip, "sample_generation": sample, "device": str(device), "dtype": o.dtype, "versions": _versions(),
     }  # fmt: skip
     (staged / "quantize.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _replace(staged, out, scratch)
@@ -248,6 +251,30 @@ def _save(q, model, path: Path) -> None:
     q.dataset = None  # the calibration tensors are not config
     model.config.quantization_config = q.to_dict()
     model.save_pretrained(str(path))
+
+
+def _last_logits(model, ids: list[int], device):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu()
+
+
+def _check_round_trip(quantized, reloaded, dtype) -> float:
+    """The checkpoint on disk must compute what the quantized model in memory computed: `_save` redoes a
+    part of optimum's save (the GPTQ v2 -> v1 conversion and the config it records), and a format
+    mismatch there (a zero point off by one) gives a model that loads and generates, only worse. Checked
+    on one held-out block's logits before anything replaces --output."""
+    from . import guard
+    from .errors import SelfCheckError
+
+    diff, tol = (quantized - reloaded).abs().max().item(), guard.tolerance(dtype, quantized)
+    if not diff <= tol:
+        raise SelfCheckError(f"the saved GPTQ checkpoint does not compute what the quantized model computed "
+                             f"(max |logit diff| {diff:.3g} > {tol:.3g}; "
+                             f"{guard.library_versions('optimum', 'gptqmodel', 'transformers')}); nothing was written",
+                             hint="the tested versions are in requirements.lock (make install)")  # fmt: skip
+    return diff
 
 
 def perplexity(model, blocks: list[list[int]], device) -> float:

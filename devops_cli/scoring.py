@@ -20,7 +20,7 @@ full runs on a busy 2-core machine).
 `reference()` is the plain way (whole prompt, batch of one, the model's own forward and head): the
 tests and the bench compare against it, and so does every run. Before the scores of a prefix group are
 trusted, one of its questions (the shortest row of its first batch: the most right padding next to
-the longest suffix, on the shared prefix) is scored the plain way too. Beyond `tolerance()` the run
+the longest suffix, on the shared prefix) is scored the plain way too. Beyond `guard.tolerance` the run
 warns, naming the transformers release, and scores every question the plain way: a fast wrong answer
 is the one outcome this module must not produce. `Scorer.used` says which path gave the numbers.
 """
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import guard
 from .hfcompat import cache_kwarg, output_cache, takes_logits_to_keep
 
 
@@ -122,16 +123,9 @@ class Scorer:
         try:
             return self._fast(prompts, keys, batch_size, on_progress, check)
         except SelfCheckFailed as failed:
-            import transformers
-
-            from .console import warn
-
             i, diff, tol = failed.args
-            why = (f"{describe(i)}: max |logit diff| {diff:.3g} > {tol:.3g} ({self.dtype_name}) "
-                   f"on transformers {transformers.__version__}")
-            warn(f"eval: the fast scorer failed its self-check against a plain forward pass on {why}; "
-                 "scoring this run with the plain path instead (slower, same numbers as a whole-prompt forward)")
-            self.used = f"plain (fast path failed self-check: {why})"
+            self.used = guard.fallback("eval", "fast path", f"{describe(i)}: max |logit diff| {diff:.3g} > "
+                                       f"{tol:.3g} in {self.dtype_name}", "whole-prompt forward passes")  # fmt: skip
             return self.plain(prompts, on_progress)
 
     @torch.inference_mode()
@@ -147,14 +141,6 @@ class Scorer:
     @property
     def dtype_name(self) -> str:
         return str(next(self.model.parameters()).dtype).removeprefix("torch.")
-
-    def tolerance(self, reference: torch.Tensor) -> float:
-        """How far the fast path may be from the plain one: 1e-3 in float32 (both are exact up to the
-        order of float additions: 2e-7 measured on the exam), scaled to the format's precision in
-        bfloat16/float16 (measured on the exam, tiny and mid models: 2e-3 and 8e-3 in bfloat16, 2e-4 and
-        1e-3 in float16), relative to the size of the logits."""
-        base = {"float32": 1e-3, "float64": 1e-6, "float16": 1e-2, "bfloat16": 5e-2}.get(self.dtype_name, 5e-2)
-        return base * max(1.0, reference.abs().max().item())
 
     @torch.inference_mode()
     def _fast(self, prompts, keys, batch_size, on_progress, check) -> torch.Tensor:
@@ -200,7 +186,7 @@ class Scorer:
                     rows = torch.arange(n, device=self.device)
                     logits = self._logits(hidden[:, 0] if last_only is not None else hidden[rows, last]).cpu()
                     if check and first == 0:
-                        diff, tol = (logits[-1] - reference).abs().max().item(), self.tolerance(reference)
+                        diff, tol = (logits[-1] - reference).abs().max().item(), guard.tolerance(self.dtype_name, reference)
                         if not diff <= tol:  # NaN fails too
                             raise SelfCheckFailed(probe, diff, tol)
                     for r, (i, _) in enumerate(batch):

@@ -103,7 +103,60 @@ def test_decode_gives_generates_tokens(fresh, settings):
     got: list[int] = []
     with torch.inference_mode():
         stream(fresh.model, x, settings, fresh.stop_ids, got.append, lambda: False)
-    assert got == reference.tolist()
+    import transformers
+
+    assert got == reference.tolist(), (f"transformers {transformers.__version__}: generate's logits processors "
+                                       "(which, their order, their defaults) no longer match decode.processors")
+
+
+@pytest.mark.parametrize("settings", [
+    {"do_sample": False, "repetition_penalty": 1.3},
+    {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.1, "min_new_tokens": 30},
+], ids=["greedy-penalty", "sampled-all-knobs"])
+def test_the_generate_fallback_gives_the_loops_tokens(fresh, settings):
+    """stream_generate (what a session uses once its loop failed the self-check) decodes as the loop does."""
+    import torch
+
+    from devops_cli.decode import stream, stream_generate
+
+    settings = {**settings, "max_new_tokens": 30}
+    x = torch.tensor([fresh.prepare("why is my pod pending?")[1]])
+    runs = []
+    for fn in (stream, stream_generate):
+        torch.manual_seed(3)
+        got: list[int] = []
+        with torch.inference_mode():
+            fn(fresh.model, x, settings, fresh.stop_ids, got.append, lambda: False)
+        runs.append(got)
+    assert runs[0] == runs[1] and len(runs[0]) > 1
+
+
+def test_self_check_catches_a_loop_that_loses_its_cache(tiny_model, monkeypatch, capsys):
+    """The loop made to pass its KV cache under a name the model's forward swallows in **kwargs (what a
+    renamed cache argument does): the session's self-check sees it, warns once naming transformers,
+    and the session decodes with generate: the reply is generate's."""
+    import torch
+    import transformers
+
+    from devops_cli import decode
+    from devops_cli.chat import ChatSession, settings_from
+    from devops_cli.chat_cmd import load
+
+    model, tok, name = load(str(tiny_model), None, "auto", "cpu")
+    monkeypatch.setattr(decode, "cache_kwarg", lambda module: "cache_under_an_old_name")
+    s = ChatSession(model, tok, model_name=name, settings=settings_from(model.generation_config, {}), system="sys", seed=0)
+    s.settings.update(max_new_tokens=12, do_sample=False)
+    x = torch.tensor([s.prepare("how do I read logs?")[1]])
+    reply = s.send("how do I read logs?")
+    err = capsys.readouterr().err
+    assert err.count("decode loop failed its self-check") == 1 and f"transformers {transformers.__version__}" in err
+    assert s.decoder.startswith("plain (decode loop failed self-check: ")
+    s.send("and again?")
+    assert capsys.readouterr().err.count("self-check") == 0  # warned once per session
+    with torch.inference_mode():
+        want = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                              eos_token_id=s.stop_ids, pad_token_id=tok.pad_token_id)[0, x.shape[1]:]
+    assert reply.text == tok.decode([t for t in want.tolist() if t not in s.stop_ids], skip_special_tokens=True)
 
 
 def test_decode_stops_at_a_stop_id_and_when_asked(fresh):

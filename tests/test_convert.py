@@ -130,6 +130,22 @@ def test_past_seq_length_differs_and_warns(tmp_path, capsys):
     assert "warning" not in figures["72b", "warned"]
 
 
+def test_decoding_past_seq_length_warns_too(tmp_path, capsys):
+    """Token by token the forward sees one new token; the cached ones count (the cache argument under
+    whichever name this transformers uses)."""
+    from devops_cli.decode import stream
+    from devops_cli.modeling import load_model
+
+    cfg = v1_config("2023-08", seq_length=16)
+    model = load_model(str(write_v1(tmp_path / "v1", cfg, v1_weights(cfg))), torch.float32)
+    capsys.readouterr()
+    with torch.inference_mode():
+        stream(model, torch.tensor([_ids(14, 151936)]), {"max_new_tokens": 2, "do_sample": False}, [], print, lambda: False)
+        assert "trained length" not in capsys.readouterr().err  # 15 tokens seen at most
+        stream(model, torch.tensor([_ids(14, 151936)]), {"max_new_tokens": 6, "do_sample": False}, [], print, lambda: False)
+    assert capsys.readouterr().err.count("past this Qwen v1 model's trained length (16)") == 1
+
+
 def test_output_files_and_sharding(tmp_path):
     from safetensors import safe_open
 

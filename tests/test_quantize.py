@@ -224,6 +224,30 @@ def test_failure_midway_leaves_the_old_output_and_no_scratch(trained, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]
 
 
+@needs_gptq
+def test_a_checkpoint_that_does_not_reload_as_quantized_is_refused(trained, tmp_path, capsys, monkeypatch):
+    """optimum's own save after the GPTQ v2 -> v1 conversion, without the config fix `_save` makes (the
+    config still says gptq_v2): the reload shifts zero points; the round-trip check refuses it, one
+    line naming the libraries, exit 1, nothing at --output."""
+    from gptqmodel.utils.model import hf_convert_gptq_v2_to_v1_format
+
+    from devops_cli import quantize
+
+    def uncorrected(q, model, path):
+        model, _ = hf_convert_gptq_v2_to_v1_format(model, q.sym, q.bits, q.quant_linear, q.format, q.meta)
+        q.dataset = None
+        model.config.quantization_config = q.to_dict()
+        model.save_pretrained(str(path))
+
+    monkeypatch.setattr(quantize, "_save", uncorrected)
+    out = tmp_path / "int4"
+    code, _, err = cli(["quantize", "--model", str(trained), "--output", str(out), *FAST], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert "the saved GPTQ checkpoint does not compute what the quantized model computed" in err
+    assert "gptqmodel" in err and "nothing was written" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 # --- bad input: one line, exit 2, before any model loads ----------------------------------------
 @pytest.mark.parametrize("content, expect", [
     ("", "is empty"),

@@ -8,7 +8,9 @@ the tiny kit) and each shot count, in this order and `--rounds` times:
   1. `devops-model eval --protocol lm-eval` as a fresh process: wall clock including start-up;
   2. `lm_eval` (lm-evaluation-harness, batch size 1, own venv .venv-lmeval) on the same CSVs: wall clock;
   3. once: a plain one-question-at-a-time loop in this process (whole prompt, full logits) — the
-     reference that batched predictions must equal (logits within 1e-3).
+     reference that batched predictions must equal (logits within 1e-3);
+  4. with --self-check-rounds N: the scorer's run-time self-check, in this process: scoring with and
+     without it, alternating N times (medians), and the tokens it adds.
 Then it prints questions/s, the ratios, and whether lm-eval's contexts and predictions match ours.
 The machine is shared: absolute seconds are context, ratios measured side by side are the figure.
 """
@@ -79,6 +81,36 @@ def plain_loop(model_dir: Path, result: dict) -> tuple[float, float, int]:
     return wall, diff, differ
 
 
+def self_check_cost(model_dir: Path, result: dict, rounds: int) -> str:
+    """Scoring with the self-check (one question per prefix group through the plain forward, whose
+    cache is the group's prefix pass) against scoring without it (the prefix pass alone)."""
+    import torch
+
+    from devops_cli import evaluate, prompts
+    from devops_cli.modeling import load_model, load_tokenizer
+    from devops_cli.scoring import Scorer, plan
+
+    o = evaluate.EvalOptions(**{**result["options"], "model": str(model_dir)})
+    tok = load_tokenizer(str(model_dir))
+    ids, keys, _ = evaluate.encode_all(tok, o, evaluate.load_exam(o), False)
+    scorer = Scorer(load_model(str(model_dir), torch.float32).eval(),
+                    prompts.option_ids(tok, prompts.option_strings(o.protocol, False), str(model_dir)))
+    seconds = {True: [], False: []}
+    for _ in range(rounds):
+        for check in (True, False):
+            t = time.perf_counter()
+            scorer.score(ids, keys, check=check)
+            seconds[check].append(time.perf_counter() - t)
+            assert scorer.used == "fast", scorer.used
+    groups = plan(ids, keys)
+    extra = sum(min(len(s) for _, s in g.members) for g in groups)  # the probes' own tokens, once more
+    total = sum(len(g.prefix) for g in groups) + sum(len(s) for g in groups for _, s in g.members)
+    on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
+    return (f"self-check: scoring {on:.2f} s with, {off:.2f} s without (medians of {rounds} alternating) -> "
+            f"{100 * (on - off) / off:+.1f} %; it adds {extra} tokens to the {total} scored "
+            f"({100 * extra / total:.2f} %) over {len(groups)} prefix groups")
+
+
 def agreement(lm_out: Path, result: dict, data: Path) -> str:
     """lm-eval's logged contexts and loglikelihoods against our prompts and four logits."""
     from devops_cli import prompts
@@ -110,6 +142,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--no-lmeval", action="store_true", help="skip lm-evaluation-harness")
     ap.add_argument("--no-loop", action="store_true", help="skip the one-at-a-time reference loop")
+    ap.add_argument("--self-check-rounds", type=int, default=0, help="measure the scorer's self-check cost")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every side (on a busy shared machine, 1 "
                     "avoids OpenMP spin-waits that make timings swing 10x)")
     args = ap.parse_args()
@@ -155,6 +188,8 @@ def main() -> None:
                 wall, diff, differ = plain_loop(model, result)
                 line += (f"\n    plain one-at-a-time loop (scoring only) {wall:.1f} s -> {wall / result['timings']['score_s']:.2f}x "
                          f"(scoring vs scoring); max |logit diff| {diff:.1e}, {differ} predictions differ")  # fmt: skip
+            if args.self_check_rounds:
+                line += "\n    " + self_check_cost(model, result, args.self_check_rounds)
             print(line, flush=True)
             lines.append(line)
     threads = args.threads or "default"

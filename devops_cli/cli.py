@@ -176,20 +176,46 @@ app.command()(keys)
 _NO_TEARDOWN = ("eval", "chat")
 
 
-def main(argv: list[str] | None = None) -> None:
-    import click
+def _click_classes(name: str) -> tuple:
+    """`name` (ClickException, Exit, Abort) from every click the app may raise: typer >= 0.29 bundles
+    its own (typer._click, whose ClickException is a typer.TyperException), earlier typer uses click."""
+    import importlib
 
+    found = []
+    for module in (typer.BadParameter.__module__, "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            cls = None
+        if cls is not None and cls not in found:
+            found.append(cls)
+    found += [c for c in (getattr(typer, name, None),) if isinstance(c, type) and c not in found]
+    return tuple(found)
+
+
+def usage_line(e) -> str:
+    """A usage error as one line: where (the command), what (click's own message, with its 'did you
+    mean'), how to see the accepted forms."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    path = ctx.command_path if ctx is not None else "devops-model"
+    return f"{path}: {message} — see '{path} --help'"
+
+
+def main(argv: list[str] | None = None) -> None:
     quiet_imports()
     try:
         code = app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except _click_classes("Exit") as e:
         code = e.exit_code
-    except click.ClickException as e:
-        e.show()
-        code = e.exit_code
-    except click.exceptions.Abort:
+    except _click_classes("Abort"):
         fail("aborted")
         code = 130
+    except _click_classes("ClickException") as e:
+        if os.environ.get("DEVOPS_MODEL_DEBUG"):
+            raise
+        fail(usage_line(e))
+        code = 2
     except DevopsError as e:
         if os.environ.get("DEVOPS_MODEL_DEBUG"):
             raise

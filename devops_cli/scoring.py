@@ -19,8 +19,8 @@ full runs on a busy 2-core machine).
 
 `reference()` is the plain way (whole prompt, batch of one, the model's own forward and head): the
 tests and the bench compare against it, and so does every run. Before the scores of a prefix group are
-trusted, one of its questions (the shortest row of its first batch: the most right padding next to
-the longest suffix, on the shared prefix) is scored the plain way too. Beyond `guard.tolerance` the run
+trusted, one of its questions (its shortest: the most right padding in its batch, on the shared
+prefix) is scored the plain way too. Beyond `guard.tolerance` the run
 warns, naming the transformers release, and scores every question the plain way: a fast wrong answer
 is the one outcome this module must not produce. `Scorer.used` says which path gave the numbers.
 """
@@ -155,11 +155,11 @@ class Scorer:
                 lengths = [len(s) for _, s in members]
                 cuts = [(i, i + batch_size) for i in range(0, len(members), batch_size)] if batch_size else \
                     batches(lengths, p, self.attention_ratio)  # fmt: skip
-                # the question checked: the shortest row of the first batch (the most right padding,
-                # beside the widest suffix). Its plain whole-prompt forward also fills the prefix's KV
+                # the question checked: the group's shortest (the last row of its last batch: the
+                # most right padding there). Its plain whole-prompt forward also fills the prefix's KV
                 # cache (causal: the first p positions' keys and values are the prefix's own), so the
-                # check costs only that question's own tokens once more.
-                probe, kv = members[min(cuts[0][1], len(members)) - 1][0], None
+                # check costs only that question's own few tokens once more.
+                probe, kv = members[-1][0], None
                 if check:
                     with self._library_layers(last_only):
                         reference, cache = self.reference(prompts[probe], keep_cache=True)
@@ -169,7 +169,7 @@ class Scorer:
                     with self._full_last_layer():
                         cache = output_cache(self.decoder(input_ids=x, use_cache=True))
                     kv = [(layer.keys, layer.values) for layer in cache.layers]
-                for first, (a, b) in enumerate(cuts):
+                for a, b in cuts:
                     batch = members[a:b]
                     n, width = len(batch), len(batch[0][1])
                     x = torch.full((n, width), pad, dtype=torch.long, device=self.device)
@@ -185,7 +185,7 @@ class Scorer:
                                           **{self.cache_name: past}).last_hidden_state  # fmt: skip
                     rows = torch.arange(n, device=self.device)
                     logits = self._logits(hidden[:, 0] if last_only is not None else hidden[rows, last]).cpu()
-                    if check and first == 0:
+                    if check and b >= len(members):
                         diff, tol = (logits[-1] - reference).abs().max().item(), guard.tolerance(self.dtype_name, reference)
                         if not diff <= tol:  # NaN fails too
                             raise SelfCheckFailed(probe, diff, tol)

@@ -39,6 +39,7 @@ def quiet_imports() -> None:
     if not os.environ.get("DEVOPS_MODEL_DEBUG"):
         for name in ("torchao", "torch.utils._pytree"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # peft 0.21 reads model.is_gradient_checkpointing, deprecated in transformers 5.24: peft's to change
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 

@@ -157,6 +157,8 @@ class ChatSession:
         self.stop_ids = sorted(i for i in ids if i is not None)
         config = self.model.config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None) or 2048
+        if self.settings.get("max_new_tokens", 0) > self.context - 16:  # a generation_config asking for more
+            self.settings["max_new_tokens"] = self.context - 16
         self.decoder = "own loop"  # or the plain path's record, once the loop failed its self-check
         self._stream = None
         self._check = self._start_self_check()
@@ -187,12 +189,19 @@ class ChatSession:
                 raise DevopsError(f"max_window must be an integer >= 16, got '{text}'")
             self.max_window = value
             return f"max_window = {value} tokens"
-        value = parse_setting(name, text)
+        value = self.check(name, parse_setting(name, text))
         self.settings[name] = value
         if name == "temperature":
             self.settings["do_sample"] = value > 0
             return f"temperature = {value} ({'sampling' if value > 0 else 'greedy'})"
         return f"{name} = {value}"
+
+    def check(self, name: str, value):
+        """The limits that depend on the model: new tokens must leave room for a prompt in its context."""
+        if name == "max_new_tokens" and value > self.context - 16:
+            raise DevopsError(f"max_new_tokens {value} does not fit this model's {self.context}-token context",
+                              hint=f"use at most {self.context - 16}")
+        return value
 
     def describe(self) -> dict:
         return {**self.settings, "seed": self.seed, "max_window": self.window(), "decoder": self.decoder}
@@ -438,12 +447,13 @@ class ChatSession:
                 "turns": [asdict(t) for t in self.turns]}
 
     def restore(self, state: dict) -> None:
+        """A transcript's turns and settings (transcript.load checked them), through the rules of /set."""
+        settings = {name: self.check(name, parse_setting(name, str(value).lower() if isinstance(value, bool) else str(value)))
+                    for name, value in (state.get("generation") or {}).items() if name in SETTINGS}  # fmt: skip
         turns = [Turn(**{k: v for k, v in t.items() if k in Turn.__dataclass_fields__}) for t in state["turns"]]
         self.turns, self.first_in_window = turns, 0
         self.system = state.get("system", self.system)
-        for name, value in (state.get("generation") or {}).items():
-            if name in SETTINGS:
-                self.settings[name] = value
+        self.settings.update(settings)
 
 
 def _as_list(value) -> list:

@@ -12,6 +12,7 @@ import typer
 
 from .console import console, err_console, warn
 from .errors import DevopsError
+from .sources import check_model_arg
 
 _P = "generation (default: the model's generation_config)"
 
@@ -45,6 +46,8 @@ def chat(
     for name, value in overrides.items():  # same rules as /set, checked before anything loads
         if value is not None:
             parse_setting(name, str(value))
+    if prompt is not None and not prompt.strip():
+        raise DevopsError("--prompt is empty", "--prompt", "give the question, or leave --prompt out to chat")
     if max_window is not None and max_window < 16:
         raise DevopsError(f"--max-window must be >= 16, got {max_window}")
     interactive = prompt is None and sys.stdin.isatty()
@@ -77,9 +80,15 @@ def _session(model, adapter, system, overrides, seed, max_window, dtype, device,
     hf_logging.disable_progress_bar()
     with err_console.status("loading model…", spinner="dots") if err_console.is_terminal else _nothing():
         loaded, tok, name = load(model, adapter, dtype, device, trust_remote_code)
-    return ChatSession(loaded, tok, model_name=name, settings=settings_from(loaded.generation_config, overrides),
-                       system=DEFAULT_SYSTEM if system is None else system, seed=seed, max_window=max_window,
-                       adapter=str(adapter) if adapter else None)
+    session = ChatSession(loaded, tok, model_name=name, settings=settings_from(loaded.generation_config, overrides),
+                          system=DEFAULT_SYSTEM if system is None else system, seed=seed, max_window=max_window,
+                          adapter=str(adapter) if adapter else None)
+    if overrides.get("max_new_tokens") is not None:  # the limits that need the model, as /set has them
+        try:
+            session.check("max_new_tokens", overrides["max_new_tokens"])
+        except DevopsError as e:
+            raise DevopsError(e.message, "--max-new-tokens", e.hint) from None
+    return session
 
 
 def load(model: str | None, adapter: Path | None, dtype: str, device: str, trust_remote_code: bool = False):
@@ -90,12 +99,12 @@ def load(model: str | None, adapter: Path | None, dtype: str, device: str, trust
     if adapter is not None:
         if not adapter.is_dir():
             raise DevopsError(f"adapter directory '{adapter}' does not exist")
-        base = model or adapter_base(adapter)
+        base = model or adapter_base(adapter)  # checks the adapter's files too
     elif model:
         base = model
     else:
         raise DevopsError("no model given", hint="pass --model PATH_OR_HUB_ID (or --adapter LORA_DIR)")
-    _check_local(base)
+    check_model_arg(base)
     import torch
 
     dev = _device(device, torch)
@@ -114,15 +123,6 @@ def load(model: str | None, adapter: Path | None, dtype: str, device: str, trust
         loaded = apply_adapter(loaded, adapter, base)
     return loaded.to(dev).eval(), tok, base
 
-
-
-def _check_local(name: str) -> None:
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise DevopsError(f"'{name}' has no config.json, so it is not a model directory")
-    elif name.startswith((".", "/", "~")) or name.count("/") != 1:  # not an owner/name hub id
-        raise DevopsError(f"model directory '{name}' does not exist")
 
 
 def _device(device: str, torch):

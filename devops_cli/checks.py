@@ -7,12 +7,15 @@ re-run resumes from.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-from . import dataset_info
+from . import dataset_info, records
 from .errors import DevopsError, DevopsErrors
-from .recipe import LORA_KEYS, RESUMABLE_CHANGES, Recipe, read_resolved
+from .launch import LOCK
+from .outputs import writable_or_raise
+from .recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved
+from .sources import HUB_ID
+from .weights import check_model_dir
 
 LORA_MODULES = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -20,15 +23,34 @@ LORA_MODULES = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qwen": ("c_attn", "c_proj", "w1", "w2"),  # Qwen v1 (remote code)
 }
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """Newest complete checkpoint-N (one whose trainer_state.json was written)."""
+    """Newest complete checkpoint-N: the Trainer writes its trainer_state.json last, so one whose
+    trainer_state.json is there and parses (a disk that filled up while writing it leaves it cut)."""
     if not output_dir.is_dir():
         return None
-    done = [p for p in output_dir.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()]
+    done = [p for p in output_dir.glob("checkpoint-*") if p.name[11:].isdigit() and _state_ok(p / "trainer_state.json")]
     return max(done, key=lambda p: int(p.name[11:]), default=None)
+
+
+def _state_ok(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+CHECKPOINT_MARK = ".devops-model-checkpoint"  # written into every checkpoint this tool saves (train.py)
+
+
+def own_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(checkpoint-N folders a devops-model run saved here, other checkpoint-* entries), by the marker
+    file each of ours carries; an unmarked folder is the user's, whatever it holds."""
+    ours, others = [], []
+    for p in sorted(output_dir.glob("checkpoint-*"), key=lambda p: (len(p.name), p.name)):
+        (ours if p.is_dir() and p.name[11:].isdigit() and (p / CHECKPOINT_MARK).is_file() else others).append(p)
+    return ours, others
 
 
 def check(r: Recipe) -> tuple[list[str], Path | None]:
@@ -37,36 +59,6 @@ def check(r: Recipe) -> tuple[list[str], Path | None]:
 
     def bad(key: str, message: str, hint: str | None = None):
         errors.append(DevopsError(message, r.where(key), hint))
-
-    # --- numbers and combinations ----------------------------------------------------------------
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "max_source_length", "max_target_length", "logging_steps", "save_steps", "lora_rank",
-                "eval_steps", "max_samples", "save_total_limit", "nproc_per_node", "nnodes",
-                "preprocessing_num_workers"):  # fmt: skip
-        value = getattr(r, key)
-        if value is not None and value < 1:
-            bad(key, f"{key} must be >= 1, got {value}")
-    if r.learning_rate <= 0:
-        bad("learning_rate", f"learning_rate must be > 0, got {r.learning_rate}")
-    for key in ("warmup_ratio", "lora_dropout"):
-        if not 0 <= getattr(r, key) < 1:
-            bad(key, f"{key} must be in [0, 1), got {getattr(r, key)}")
-    if r.val_size < 0 or (r.val_size >= 1 and not float(r.val_size).is_integer()):
-        bad("val_size", f"val_size must be a ratio in (0, 1) or a whole count, got {r.val_size}")
-    if r.max_steps <= 0 and r.num_train_epochs <= 0:
-        bad("max_steps", "nothing to train: max_steps <= 0 and num_train_epochs <= 0", "set max_steps or num_train_epochs")
-    if r.bf16 and r.fp16:
-        bad("fp16", "bf16 and fp16 are both on", "choose one (bf16 for Qwen)")
-    if r.eval_steps and not r.val_size:
-        bad("eval_steps", "eval_steps is set but val_size is 0, so there is nothing to evaluate", "set val_size: 0.05")
-    if r.finetuning_type == "full":
-        for key in LORA_KEYS:
-            if key in r.origin:
-                bad(key, f"{key} is set but finetuning_type is full", "set finetuning_type: lora, or drop the key")
-    if r.node_rank is not None and r.nnodes is not None and r.node_rank >= r.nnodes:
-        bad("node_rank", f"node_rank {r.node_rank} must be below nnodes {r.nnodes}")
-    if r.master_port is not None and not 0 < r.master_port < 65536:
-        bad("master_port", f"master_port {r.master_port} is not a port number")
 
     # --- model -----------------------------------------------------------------------------------
     model_type = None
@@ -77,9 +69,10 @@ def check(r: Recipe) -> tuple[list[str], Path | None]:
             bad("model_name_or_path", f"'{path}' has no config.json, so it is not a model directory")
         else:
             try:
+                check_model_dir(path, r.where("model_name_or_path"))
                 model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-            except json.JSONDecodeError as e:
-                bad("model_name_or_path", f"{config}:{e.lineno}: invalid JSON in config.json")
+            except DevopsError as e:
+                errors.append(e)
             if model_type == "qwen":  # Qwen v1: the workers load its native Qwen2 conversion (convert.py)
                 from .convert import cache_path
 
@@ -111,7 +104,7 @@ def check(r: Recipe) -> tuple[list[str], Path | None]:
     for name in r.datasets:
         try:
             entry = dataset_info.resolve(name, r.dataset_dir, r.stage, r.where("dataset"))
-            dataset_info.check_columns(entry)
+            errors += records.problems(entry)  # every record, streamed
             if msg := dataset_info.check_sha1(entry):
                 warnings.append(msg)
         except DevopsError as e:
@@ -172,12 +165,17 @@ def check_output_dir(r: Recipe) -> Path | None:
     where = r.where("output_dir")
     if out.exists() and not out.is_dir():
         raise DevopsError(f"output_dir '{out}' is a file", where)
-    if not out.is_dir() or not any(out.iterdir()) or r.overwrite_output_dir:
+    writable_or_raise(out, where)
+    if out.is_dir() and r.save_total_limit and (others := own_checkpoints(out)[1]):
+        raise DevopsError(f"output_dir '{out}' holds {', '.join(p.name for p in others[:3])}, not saved by devops-model; "
+                          f"with save_total_limit the Trainer would delete it", where,
+                          "move it out of output_dir, or drop save_total_limit")  # fmt: skip
+    if not out.is_dir() or not any(p.name != LOCK for p in out.iterdir()) or r.overwrite_output_dir:
         if r.resume_from_checkpoint not in (None, False, True):
             return _explicit_checkpoint(r)
         return None
     saved = out / "recipe.yaml"
-    if not saved.is_file():
+    if not is_resolved(saved):
         raise DevopsError(f"output_dir '{out}' is not empty and was not made by devops-model", where,
                           "choose a new output_dir, or pass overwrite_output_dir=true to train into it anyway")
     before = read_resolved(saved)

@@ -6,6 +6,7 @@ Importing this module must not import torch: `devops-model --help` stays instant
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -18,8 +19,9 @@ from rich.markup import escape
 from .chat_cmd import chat
 from .console import console, fail, info, quiet_imports, warn
 from .convert_cmd import convert_command
-from .errors import DevopsError
+from .errors import DevopsError, DevopsErrors
 from .eval_cmd import eval_command
+from .outputs import new_output_dir
 from .quantize_cmd import quantize_command
 
 app = typer.Typer(
@@ -46,10 +48,19 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
         overrides.insert(0, str(recipe_path))  # `devops-model sft key=value ...` with no file
         recipe_path = None
     r = recipe.load(recipe_path, overrides, stage=stage)
-    warnings, resume = checks.check(r)
+    errors, warnings, resume, plan = [], [], None, None
+    try:
+        warnings, resume = checks.check(r)
+    except DevopsErrors as e:
+        errors += e.errors
+    try:
+        plan = launch.plan(r)
+    except DevopsError as e:
+        errors.append(e)
+    if errors:  # every problem at once, before anything is written
+        raise DevopsErrors(errors)
     for w in warnings:
         warn(w)
-    plan = launch.plan(r)
     out = Path(r.output_dir)
     if resume is not None:
         r.resume_from_checkpoint = str(resume)
@@ -61,18 +72,25 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
         return
 
     out.mkdir(parents=True, exist_ok=True)
-    if r.overwrite_output_dir:
-        for old in out.glob("checkpoint-*"):
-            shutil.rmtree(old)
-    source = f"{recipe_path or 'command line'}" + (f" + {' '.join(overrides)}" if overrides else "")
-    tmp = out / f".recipe.yaml.{os.getpid()}"  # atomic: other nodes may read it on a shared disk
-    tmp.write_text(recipe.dump(r, f"from {source}\n{launch.display(argv)}"), encoding="utf-8")
-    tmp.replace(out / "recipe.yaml")
-    info(f"[bold]{stage}[/] → {escape(str(out))}  ({escape(plan.describe())})")
-    if resume is not None:
-        info(f"resuming from {escape(str(resume))}")
-    launch.env_for_workers()
-    code = launch.run(argv, out / "logs")
+    # node 0 holds output_dir while the run lives (other nodes share it on shared storage)
+    with launch.hold(out) if plan.node_rank == 0 else contextlib.nullcontext():
+        if r.overwrite_output_dir:  # only what an earlier devops-model run wrote here goes
+            ours, others = checks.own_checkpoints(out)
+            for old in ours:
+                shutil.rmtree(old)
+            if ours:
+                info(f"overwrite_output_dir: removed {', '.join(p.name for p in ours)} (the earlier run's checkpoints)")
+            if others:
+                warn(f"overwrite_output_dir: kept {', '.join(p.name for p in others)} in {out}: not written by devops-model")
+        source = f"{recipe_path or 'command line'}" + (f" + {' '.join(overrides)}" if overrides else "")
+        tmp = out / f".recipe.yaml.{os.getpid()}"  # atomic: other nodes may read it on a shared disk
+        tmp.write_text(recipe.dump(r, f"from {source}\n{launch.display(argv)}"), encoding="utf-8")
+        tmp.replace(out / "recipe.yaml")
+        info(f"[bold]{stage}[/] → {escape(str(out))}  ({escape(plan.describe())})")
+        if resume is not None:
+            info(f"resuming from {escape(str(resume))}")
+        launch.env_for_workers()
+        code = launch.run(argv, out / "logs")
     if code == 0 and plan.node_rank == 0:
         _summary(out)
     if code:
@@ -113,9 +131,10 @@ def export(
     """Merge a LoRA adapter into its base model: full weights loadable with from_pretrained."""
     from .modeling import adapter_base, merge_adapter
 
+    new_output_dir(output, overwrite)
     base = model or adapter_base(adapter)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise DevopsError(f"'{output}' exists and is not empty", hint="choose another --output or pass --overwrite")
+    if model:
+        adapter_base(adapter)  # its files are checked first either way
     merge_adapter(adapter, output, base, trust_remote_code)
     console.print(f"[green]merged[/] {escape(str(adapter))} into {escape(base)} → {escape(str(output))}")
 
@@ -205,7 +224,7 @@ def usage_line(e) -> str:
 def main(argv: list[str] | None = None) -> None:
     quiet_imports()
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="devops-model", standalone_mode=False)
     except _click_classes("Exit") as e:
         code = e.exit_code
     except _click_classes("Abort"):

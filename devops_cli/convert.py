@@ -24,14 +24,15 @@ from rich.markup import escape
 from .console import err_console, is_rank0, warn
 from .errors import DevopsError
 from .hfcompat import NEW, OLD
+from .outputs import new_output_dir
 from .qwen_tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
+from .sources import HUB_ID
 
 STOP_IDS = [151643, 151645, 151644]  # <|endoftext|>, <|im_end|>, <|im_start|>: v1 chat stops on each
 MARKER = "devops-model-conversion.json"  # written last: its presence means a complete conversion
 CACHE_ENV = "DEVOPS_MODEL_CONVERT_CACHE"  # a folder for converted models when next-to-source won't do
 MAX_SHARD_BYTES = 5 * 1024**3
 VERSION = 1
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 KEEP = ("LICENSE", "LICENSE.md", "NOTICE", "NOTICE.md", "README.md", "USE_POLICY.md")  # licence travels along
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.(masked_)?bias|logn_tensor)$")  # buffers, not weights
 LAYER = {"ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
@@ -308,8 +309,7 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, max_shard
                           hint="only Qwen v1 (model_type \"qwen\") needs converting; load other models directly")
     if not (src / "qwen.tiktoken").is_file():
         raise DevopsError(f"'{src}' has no qwen.tiktoken, the Qwen v1 vocabulary", hint="download it with the weights")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise DevopsError(f"output '{out}' exists", hint="choose another --output, or pass --overwrite")
+    new_output_dir(out, overwrite)
     config = qwen2_config(v1, src / "config.json")
     load_ranks(src / "qwen.tiktoken")  # a bad vocabulary fails now, not after minutes of weights
     if config["vocab_size"] < SPECIAL_START + len(SPECIALS):

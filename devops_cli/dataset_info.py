@@ -12,7 +12,6 @@ Light on purpose (no torch / datasets import): the pre-launch checks read it too
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -119,64 +118,6 @@ def resolve(name: str, dataset_dir: str, stage: str, where: str) -> DatasetEntry
     else:
         raise DevopsError("entry has neither file_name nor hf_hub_url", loc, "add file_name: <file>")
     return entry
-
-
-def peek_columns(entry: DatasetEntry) -> tuple[list[str], str]:
-    """Column names of the first record of a local dataset file, and where that record is."""
-    path = entry.files[0]
-    if path.stat().st_size == 0:
-        raise DevopsError(f"data file '{path}' is empty", entry.where, "add examples")
-    if entry.loader == "text":
-        return ["text"], f"{path}:1"
-    if entry.loader == "csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return next(csv.reader(f), []), f"{path}:1"
-    if entry.loader == "json":
-        with open(path, encoding="utf-8") as f:
-            head = f.read(1)
-            f.seek(0)
-            if head != "[":  # JSON lines (or a single object per line)
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as e:
-                            raise DevopsError(f"invalid JSON line: {e.msg}", f"{path}:{n}", "one JSON object per line") from None
-                        break
-                else:
-                    raise DevopsError(f"data file '{path}' has no records", entry.where)
-                where = f"{path}:{n}"
-            else:
-                try:
-                    records = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DevopsError(f"invalid JSON: {e.msg}", f"{path}:{e.lineno}") from None
-                if not records:
-                    raise DevopsError(f"data file '{path}' has no records", entry.where)
-                record, where = records[0], f"{path} (record 0)"
-        if not isinstance(record, dict):
-            raise DevopsError("a record must be a JSON object", where)
-        return list(record), where
-    return [], str(path)  # parquet: checked when loaded
-
-
-def check_columns(entry: DatasetEntry) -> None:
-    """The columns the entry needs are present in its first record."""
-    if not entry.files:
-        return
-    present, where = peek_columns(entry)
-    if not present and entry.loader == "parquet":
-        return
-    if entry.formatting == "pt" and entry.loader == "text":
-        return
-    needed = {"pt": ["prompt"], "alpaca": ["prompt", "response"], "sharegpt": ["messages"]}[entry.formatting]
-    needed += [role for role in entry.explicit if role not in needed]
-    for role in needed:
-        col = entry.columns[role]
-        if col not in present:
-            raise DevopsError(f"column '{col}' ({role}) missing in dataset '{entry.name}'; columns are "
-                              f"{', '.join(map(str, present))}", where,
-                              f'map it in dataset_info.json: "columns": {{"{role}": "<column>"}}')
 
 
 def check_sha1(entry: DatasetEntry) -> str | None:

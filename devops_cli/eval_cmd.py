@@ -50,6 +50,8 @@ def eval_command(
              "device": device, "output": output, "limit": limit, "trust_remote_code": trust_remote_code or None, "overwrite": overwrite or None}  # fmt: skip
     values, origin = read_recipe(recipe) if recipe is not None else ({}, {})
     values, where = apply_flags(values, origin, flags)
+    if not values.get("model"):
+        values.update(default_model(values.get("adapter")))
     options = evaluate.EvalOptions(**values)
     path = evaluate.output_path(options, where)
 
@@ -59,6 +61,24 @@ def eval_command(
     t = result["timings"]
     console.print(f"[green]done[/]: {result['overall']['correct']}/{result['overall']['n']} correct, "
                   f"{t['questions_per_s']:.1f} questions/s, {t['total_s']:.1f} s → {path}")  # fmt: skip
+
+
+def default_model(adapter) -> dict:
+    """No --model: the adapter's own base, or else the newest finished training run under runs/."""
+    from .console import info
+    from .errors import DevopsError
+    from .modeling import adapter_base
+    from .runs import finished
+
+    if adapter:
+        return {"model": adapter_base(Path(adapter))}
+    runs = finished()
+    if not runs:
+        raise DevopsError("no --model given, and no finished training run under runs/", "--model",
+                          "pass --model PATH_OR_HUB_ID (or train one: devops-model sft RECIPE)")
+    run = runs[0]
+    info(f"no --model: evaluating {run.describe()}, the newest run; pass --model to choose")
+    return {"model": run.base, "adapter": str(run.path)} if run.base else {"model": str(run.path)}
 
 
 def read_recipe(path: Path) -> tuple[dict, dict]:

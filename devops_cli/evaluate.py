@@ -10,6 +10,7 @@ loads. torch is imported only once scoring is about to start.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import time
@@ -20,6 +21,8 @@ from . import __version__, prompts
 from .console import console, info
 from .errors import DevopsError
 from .exam import LETTERS, Subject, load_hub, load_local
+from .sources import check_model_arg, hub_reachable
+from .weights import check_adapter_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_SHOTS = 5
@@ -61,6 +64,34 @@ def check(o: EvalOptions, where=lambda flag: flag) -> None:
         raise DevopsError(f"limit {o.limit} must be >= 1", where("--limit"))
     if o.adapter and not (Path(o.adapter) / "adapter_config.json").is_file():
         raise DevopsError(f"'{o.adapter}' has no adapter_config.json", where("--adapter"), "pass a LoRA sft output_dir")
+
+
+
+def check_files(o: EvalOptions, where=lambda flag: flag) -> None:
+    """The model's and adapter's files (whole, not damaged), before anything loads."""
+    if o.adapter:
+        check_adapter_dir(Path(o.adapter), where("--adapter"))
+    check_model_arg(o.model, where("--model"))
+
+
+# where this project's workspace keeps the exam's CSVs (licensed, never shipped in the package)
+LOCAL_EXAM = (Path("../shared/data/devops-exam"), Path(__file__).resolve().parents[2] / "shared" / "data" / "devops-exam")
+
+
+def exam_dir(o: EvalOptions) -> str | None:
+    """--data-dir; without it the hub datasets, or, when the hub cannot be reached, a local copy of the
+    exam in the workspace (said so), or one line asking for --data-dir."""
+    if o.data_dir or hub_reachable():
+        return o.data_dir
+    local = next((p for p in LOCAL_EXAM if (p / "cmmlu").is_dir() or (p / "ceval").is_dir()), None)
+    if local is not None:
+        info(f"no --data-dir and the hub cannot be reached: using the exam at {local}")
+        return str(local)
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return None  # the user asked for the hub cache: load_hub reads it, or says what is missing
+    raise DevopsError("no --data-dir, and the Hugging Face hub cannot be reached for the exam's datasets", "--data-dir",
+                      "pass --data-dir DIR with the exam's CSV files (CMMLU / C-Eval layout), or set HF_HUB_OFFLINE=1 "
+                      "to read them from the hub cache")
 
 
 def load_exam(o: EvalOptions) -> list[Subject]:
@@ -161,7 +192,9 @@ def load_scoring_model(o: EvalOptions):
 def run(o: EvalOptions, where=lambda flag: flag) -> dict:
     t0 = time.perf_counter()
     check(o, where)
+    o.data_dir = exam_dir(o)
     subjects = load_exam(o)
+    check_files(o, where)
     from .modeling import load_tokenizer
 
     tok_source = o.adapter if o.adapter and (Path(o.adapter) / "tokenizer_config.json").is_file() else o.model

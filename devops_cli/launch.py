@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,15 @@ def plan(r: Recipe, env=os.environ) -> Launch:
         port = port or free_port()
     if nnodes < 1 or nproc < 1:
         raise DevopsError(f"nnodes ({nnodes}) and nproc_per_node ({nproc}) must be >= 1")
+    cores = os.cpu_count() or 1
+    at = r.where("nproc_per_node") if src["nproc_per_node"] == "recipe" else None
+    if gpus and nproc > gpus:
+        raise DevopsError(f"nproc_per_node {nproc} [{src['nproc_per_node']}] but this node has {gpus} visible GPU(s)",
+                          at, f"use nproc_per_node <= {gpus} (one worker per GPU)")
+    if not gpus and nproc > cores:
+        raise DevopsError(f"nproc_per_node {nproc} [{src['nproc_per_node']}] on a node with no GPU and {cores} CPU "
+                          "core(s): each CPU worker needs a core of its own", at,
+                          f"use nproc_per_node <= {cores}")
     if nnodes > 1 and src["master_addr"] == "default":  # each node would wait on its own 127.0.0.1
         raise DevopsError(f"{nnodes} nodes [{src['nnodes']}] but no master address",
                           hint="set master_addr=<node 0's address> or MASTER_ADDR on every node")
@@ -163,5 +173,39 @@ def run(argv: list[str], log_dir: Path) -> int:
 
 def env_for_workers() -> None:
     """Settings every worker inherits (set before torchrun spawns them)."""
+    from .worker import LAUNCHER_ENV
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # the workers' parent: they end with it (worker.die_with_launcher)
+
+
+LOCK = ".devops-model.lock"
+
+
+@contextmanager
+def hold(output_dir: Path):
+    """output_dir belongs to one live run. The lock file names the holder (pid, host, start) and stays
+    flock-ed while the run lives; the kernel drops the lock when the process ends, even by kill -9,
+    so a stale file never blocks a rerun."""
+    import fcntl
+    import time
+
+    path = output_dir / LOCK
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DevopsError(f"output_dir '{output_dir}' is in use by a live run ({holder})",
+                          hint="wait for it to end or stop it, or choose another output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()

@@ -9,6 +9,7 @@ from .console import import_quietly
 from .convert import resolve_model, watch_seq_length
 from .errors import DevopsError
 from .templates import CHATML, DEFAULT
+from .weights import check_adapter_dir, check_model_dir
 
 
 def load_tokenizer(name: str, template: str | None = None, trust_remote_code: bool = False):
@@ -50,6 +51,8 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
     from transformers import AutoModelForCausalLM
 
     name = resolve_model(name)
+    if Path(name).is_dir():
+        check_model_dir(Path(name))  # a damaged file is one line naming it, not a loader traceback
     config = Path(name) / "config.json"
     if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
         from .quantize import import_gptq_quietly  # a GPTQ checkpoint: no library banners in chat/eval
@@ -82,9 +85,11 @@ def add_lora(model, rank: int, alpha: float, dropout: float, target: str, gradie
 
 
 def adapter_base(adapter_dir: Path) -> str:
+    adapter_dir = Path(adapter_dir)
     config = adapter_dir / "adapter_config.json"
     if not config.is_file():
         raise DevopsError(f"'{adapter_dir}' has no adapter_config.json, so it is not a LoRA adapter")
+    check_adapter_dir(adapter_dir)
     base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not base:
         raise DevopsError(f"{config} does not name its base model", hint="pass --model BASE")
@@ -93,6 +98,7 @@ def adapter_base(adapter_dir: Path) -> str:
 
 def apply_adapter(model, adapter_dir: str | Path, base: str):
     """model with a LoRA adapter merged in (generation then runs at the base model's speed)."""
+    check_adapter_dir(Path(adapter_dir))
     import_quietly("gptqmodel")  # before peft, which imports it (and its stdout banner) when installed
     from peft import PeftModel
 

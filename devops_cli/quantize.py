@@ -22,7 +22,10 @@ from pathlib import Path
 
 from .console import info, warn
 from .errors import DevopsError
+from .outputs import new_output_dir
 from .quantize_data import open_source, token_blocks
+from .sources import check_model_arg
+from .weights import check_adapter_dir, check_model_dir
 
 BITS = (4, 8)
 DTYPES = ("float16", "bfloat16")
@@ -72,15 +75,15 @@ def check(o: QuantizeOptions, where=lambda flag: flag) -> None:
     if src.exists() and not (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
         raise DevopsError(f"'{o.model}' has neither config.json nor adapter_config.json", where("--model"),
                           "pass a model directory (save_pretrained) or a LoRA adapter directory")
-    if not src.exists() and (o.model.startswith((".", "/", "~")) or o.model.count("/") > 1):
-        raise DevopsError(f"model directory '{o.model}' not found", where("--model"), "check the path")
+    if not src.exists():
+        check_model_arg(o.model, where("--model"))
+    if (src / "adapter_config.json").is_file():
+        check_adapter_dir(src, where("--model"))
+    elif (src / "config.json").is_file():
+        check_model_dir(src, where("--model"))
     if src.exists() and out.resolve() == src.resolve():
         raise DevopsError("--output is the model directory itself", where("--output"), "choose a new directory")
-    if out.exists() and not out.is_dir():
-        raise DevopsError(f"'{out}' exists and is a file", where("--output"), "choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not o.overwrite:
-        raise DevopsError(f"'{out}' exists and is not empty", where("--output"),
-                          "choose another --output or pass --overwrite")
+    new_output_dir(out, o.overwrite, where("--output"))
 
 
 def run(o: QuantizeOptions, where=lambda flag: flag) -> dict:

@@ -60,7 +60,11 @@ def _file_source(path: Path, field: str | None, where: str) -> Source:
     if path.suffix not in FILE_KINDS:
         raise DevopsError(f"calibration file '{path}' is not {', '.join(FILE_KINDS)}", where,
                           "convert it, or register it in dataset_info.json and pass its name")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DevopsError(f"calibration file '{path}' is not UTF-8 text (byte {e.start} cannot be decoded: a binary file?)",
+                          where, "pass a text, .jsonl or .json file") from None
     if not text.strip():
         raise DevopsError(f"calibration file '{path}' is empty", where, "add text (jsonl: one {\"text\": ...} per line)")
     if path.suffix == ".txt":
@@ -109,10 +113,12 @@ def _json_records(path: Path, text: str):
 
 
 def _registry_source(entries, name: str, where: str) -> Source:
-    from . import data, dataset_info
+    from . import data, records
+    from .errors import DevopsErrors
 
-    for e in entries:
-        dataset_info.check_columns(e)
+    problems = [p for e in entries for p in records.problems(e)]
+    if problems:
+        raise DevopsErrors(problems)
 
     def one(e):
         if e.files and e.loader == "json":

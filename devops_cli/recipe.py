@@ -199,7 +199,13 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     """Top-level mapping of a YAML file and the line number of each key."""
     if not path.is_file():
         raise DevopsError(f"recipe file not found: {path}", hint="check the path (configs/ holds examples)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DevopsError(f"not a text file (byte {e.start} is not UTF-8)", str(path),
+                          "a recipe is a YAML text file (configs/*.yaml)") from None
+    if "\x00" in text:
+        raise DevopsError("not a text file (it holds NUL bytes)", str(path), "a recipe is a YAML text file (configs/*.yaml)")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -252,10 +258,12 @@ def load(path: str | Path | None, overrides: list[str] = (), stage: str | None =
         origin[key] = f"override '{text}'"
     if stage is not None:
         values.setdefault("stage", stage)
-    return build(values, origin, source, stage)
+    # a recipe.yaml this tool resolved was checked whole when it was written (and lists every key)
+    return build(values, origin, source, stage, check_values=not (path is not None and is_resolved(Path(path))))
 
 
-def build(values: dict, origin: dict[str, str], source: str, command: str | None = None) -> Recipe:
+def build(values: dict, origin: dict[str, str], source: str, command: str | None = None,
+          check_values: bool = True) -> Recipe:
     """Check every key of `values`; `command` is the stage the user ran (pt | sft), if any."""
     errors: list[DevopsError] = []
     if command and values.get("stage") in ("pt", "sft") and values["stage"] != command:
@@ -265,6 +273,7 @@ def build(values: dict, origin: dict[str, str], source: str, command: str | None
     ta_types = None
     kwargs: dict[str, object] = {}
     extra: dict[str, object] = {}
+    valid: dict[str, object] = {}  # the keys whose type and choice are right, for value_problems
     for key, value in values.items():
         where = origin.get(key, f"{source} (key {key})")
         if not isinstance(key, str):
@@ -281,6 +290,8 @@ def build(values: dict, origin: dict[str, str], source: str, command: str | None
                 if choices and value not in choices:
                     hint = _did_you_mean(str(value), choices) or f"choose one of {', '.join(choices)}"
                     errors.append(DevopsError(f"{key}: {value!r} is not one of {', '.join(choices)}", where, hint))
+                else:
+                    valid[key] = value
             kwargs[key] = value  # kept even when wrong: a required key is then not reported missing
             continue
         if ta_types is None:
@@ -301,9 +312,53 @@ def build(values: dict, origin: dict[str, str], source: str, command: str | None
     for name, f in known.items():
         if f.default == REQUIRED and name not in kwargs:
             errors.append(DevopsError(f"missing required key '{name}'", source, f"add `{name}: ...`"))
+    if check_values:
+        errors += value_problems(Recipe(**valid, origin=origin, source=source))
     if errors:
         raise DevopsErrors(errors)
     return Recipe(**kwargs, extra=extra, origin=origin, source=source)
+
+
+def value_problems(r: Recipe) -> list[DevopsError]:
+    """Ranges and combinations of values (no filesystem): checked together with the types, so one run
+    of the command shows every problem."""
+    errors: list[DevopsError] = []
+
+    def bad(key: str, message: str, hint: str | None = None):
+        errors.append(DevopsError(message, r.where(key), hint))
+
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "max_source_length", "max_target_length", "logging_steps", "save_steps", "lora_rank",
+                "eval_steps", "max_samples", "save_total_limit", "nproc_per_node", "nnodes",
+                "preprocessing_num_workers"):  # fmt: skip
+        value = getattr(r, key)
+        if value is not None and value < 1:
+            bad(key, f"{key} must be >= 1, got {value}")
+    if r.learning_rate <= 0:
+        bad("learning_rate", f"learning_rate must be > 0, got {r.learning_rate}")
+    for key in ("warmup_ratio", "lora_dropout"):
+        if not 0 <= getattr(r, key) < 1:
+            bad(key, f"{key} must be in [0, 1), got {getattr(r, key)}")
+    if r.val_size < 0 or (r.val_size >= 1 and not float(r.val_size).is_integer()):
+        bad("val_size", f"val_size must be a ratio in (0, 1) or a whole count, got {r.val_size}")
+    if r.max_steps == 0 or r.max_steps < -1:
+        bad("max_steps", f"max_steps must be >= 1, or -1 to train num_train_epochs, got {r.max_steps}")
+    elif r.max_steps == -1 and r.num_train_epochs <= 0:
+        bad("num_train_epochs", f"nothing to train: num_train_epochs is {r.num_train_epochs} and max_steps is unset",
+            "set num_train_epochs > 0 or max_steps >= 1")
+    if r.bf16 and r.fp16:
+        bad("fp16", "bf16 and fp16 are both on", "choose one (bf16 for Qwen)")
+    if r.eval_steps and not r.val_size:
+        bad("eval_steps", "eval_steps is set but val_size is 0, so there is nothing to evaluate", "set val_size: 0.05")
+    if r.finetuning_type == "full":
+        for key in LORA_KEYS:
+            if key in r.origin:
+                bad(key, f"{key} is set but finetuning_type is full", "set finetuning_type: lora, or drop the key")
+    if r.node_rank is not None and r.nnodes is not None and r.node_rank >= r.nnodes:
+        bad("node_rank", f"node_rank {r.node_rank} must be below nnodes {r.nnodes}")
+    if r.master_port is not None and not 0 < r.master_port < 65536:
+        bad("master_port", f"master_port {r.master_port} is not a port number")
+    return errors
 
 
 def _did_you_mean(word: str, options) -> str | None:
@@ -312,11 +367,23 @@ def _did_you_mean(word: str, options) -> str | None:
 
 
 def dump(recipe: Recipe, header: str = "") -> str:
-    lines = [f"# resolved by devops-model {__version__}"]
+    lines = [f"{RESOLVED_MARK} {__version__}"]
     if header:
         lines += [f"# {h}" for h in header.splitlines()]
     body = yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=1000)
     return "\n".join(lines) + "\n" + body
+
+
+RESOLVED_MARK = "# resolved by devops-model"
+
+
+def is_resolved(path: Path) -> bool:
+    """Whether `path` is a recipe.yaml that devops-model wrote (its first line says so)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith(RESOLVED_MARK)
+    except OSError:
+        return False
 
 
 def read_resolved(path: Path) -> dict:

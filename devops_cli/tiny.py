@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .dataset_info import BUNDLED_DIR
 from .errors import DevopsError
+from .outputs import new_output_dir
 from .qwen_tokenizer import qwen_pipeline
 from .templates import CHATML
 
@@ -56,8 +57,7 @@ def build(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 2, voca
           max_position_embeddings: int = 4096, seed: int = 0, overwrite: bool = False) -> Path:
     """Write a randomly initialised Qwen2ForCausalLM + tokenizer + generation config to out_dir."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DevopsError(f"'{out}' exists and is not empty", hint="choose another directory or pass --overwrite")
+    new_output_dir(out, overwrite, where=None)
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise DevopsError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
     import torch

@@ -70,6 +70,22 @@ def training_arguments(r: Recipe):
     return TrainingArguments(**kwargs)
 
 
+def _mark_checkpoints():
+    """Each checkpoint this tool's Trainer saves gets a marker file, so that overwrite_output_dir can
+    tell them from checkpoint-* folders a user keeps in output_dir (checks.own_checkpoints)."""
+    from transformers import TrainerCallback
+
+    from .checks import CHECKPOINT_MARK
+
+    class Mark(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                (folder / CHECKPOINT_MARK).write_text(json.dumps({"global_step": state.global_step}) + "\n")
+
+    return Mark()
+
+
 def run(r: Recipe) -> dict:
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer
@@ -95,7 +111,7 @@ def run(r: Recipe) -> dict:
 
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=data.IGNORE, padding=True)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, processing_class=tokenizer)
+                      data_collator=collator, processing_class=tokenizer, callbacks=[_mark_checkpoints()])
     resume = r.resume_from_checkpoint if isinstance(r.resume_from_checkpoint, str) else None
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -107,7 +123,7 @@ def run(r: Recipe) -> dict:
     tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     metrics.update(train_tokens=int(tokens), train_tokens_per_second=tokens / seconds if seconds else 0.0,
                    global_step=trainer.state.global_step, data=report.__dict__,
-                   world_size=args.world_size, resumed_from=resume)
+                   world_size=args.world_size, resumed_from=resume, finished_at=time.time())
     if eval_set is not None:
         ev = trainer.evaluate()
         metrics.update(ev)

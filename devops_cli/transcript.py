@@ -138,4 +138,19 @@ def load(path: Path) -> dict:
             isinstance(t, dict) and isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str)
             for t in state["turns"]):
         raise DevopsError("not a devops-model chat transcript (no turns with user/assistant text)", where=str(path))
+    generation = state.get("generation") or {}
+    if not isinstance(generation, dict):
+        raise DevopsError("'generation' must be a mapping of settings", where=str(path))
+    from .chat import SETTINGS, parse_setting
+
+    for name, value in generation.items():  # the same rules as /set: a bad value never reaches a turn
+        if name in SETTINGS:
+            try:
+                parse_setting(name, str(value).lower() if isinstance(value, bool) else str(value))
+            except DevopsError as e:
+                raise DevopsError(f"generation setting {e.message}", where=str(path), hint="fix or remove it") from None
+    for key, kind in (("seed", int), ("max_window", int), ("system", str)):
+        if state.get(key) is not None and not isinstance(state[key], kind) or isinstance(state.get(key), bool):
+            raise DevopsError(f"'{key}' must be {'an integer' if kind is int else 'text'}, got {state[key]!r}",
+                              where=str(path), hint="fix or remove it")
     return state

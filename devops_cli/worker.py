@@ -49,7 +49,71 @@ def tee_output(log: Path, console: bool):
     return f
 
 
+LAUNCHER_ENV = "DEVOPS_MODEL_LAUNCHER_PID"
+
+
+def die_with_launcher() -> None:
+    """End this worker when the devops-model process that launched it ends, even by kill -9: no
+    worker trains on unsupervised, holds GPUs, or writes into an output_dir that a rerun now owns.
+    Linux: PR_SET_PDEATHSIG (the kernel sends SIGKILL); elsewhere a thread polling the parent pid."""
+    import ctypes
+    import ctypes.util
+    import signal
+
+    launcher = int(os.environ.get(LAUNCHER_ENV) or 0)
+    if not launcher:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        armed = False
+    if os.getppid() != launcher:  # it died before the signal was armed
+        os._exit(1)
+    if not armed:
+
+        def watch():
+            while os.getppid() == launcher:
+                threading.Event().wait(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
+
+
+def disk_full(e: BaseException, output_dir: Path) -> str | None:
+    """The one line for a save that ran out of disk (OSError ENOSPC, or torch's zip writer failing
+    with 'unexpected pos' / 'file write failed' for the same reason), or None."""
+    import errno
+    import shutil
+
+    chain, seen = [], e
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    full = any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain) or any(
+        m in str(x) for x in chain for m in ("No space left on device", "unexpected pos", "file write failed"))
+    if not full:
+        return None
+    from .checks import last_checkpoint
+
+    free = shutil.disk_usage(output_dir).free / 1e6
+    done = last_checkpoint(output_dir)
+    partial = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p != done and not (p / "trainer_state.json").is_file()]
+    if done is not None:
+        need = f"the checkpoint needs ~{_mb(done):.0f} MB (the size of {done.name})"
+    else:
+        need = "the checkpoint needs more" + (f" than the {_mb(partial[0]):.0f} MB written before it stopped" if partial else "")
+    resume = f"; a rerun resumes from {done.name}" if done is not None else ""
+    skipped = f" ({', '.join(p.name for p in partial)} is incomplete: resume skips it)" if partial else ""
+    return f"no space left on device at {output_dir}: {free:.0f} MB free, {need}{skipped}{resume} — free space or move output_dir"
+
+
+def _mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()
     argv = sys.argv[1:] if argv is None else argv
     rank = int(os.environ.get("RANK", "0"))
     recipe_path = Path(argv[0])
@@ -80,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         log_file.write(traceback.format_exc().encode())  # the whole story goes to the log only
         first = str(e).splitlines()[0] if str(e) else ""
+        if full := disk_full(e, recipe_path.parent):
+            fail(f"[rank {rank}] {full}")
+            return 2
         if isinstance(e, torch.OutOfMemoryError):
             fail(f"[rank {rank}] out of memory: {first} — lower per_device_train_batch_size or max_source_length, "
                  "set gradient_checkpointing: true, or use configs/deepspeed/zero3-offload.json")

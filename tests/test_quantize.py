@@ -291,6 +291,6 @@ def test_overwrite_guard_in_a_real_process_without_torch(tmp_path):
     r = run_cli("quantize", "-m", str(tmp_path / "model"), "-o", str(tmp_path / "out"))
     assert r.returncode == 2
     assert r.stderr.strip() == (f"error: --output: '{tmp_path / 'out'}' exists and is not empty — "
-                                "choose another --output or pass --overwrite")
+                                "choose another directory or pass --overwrite")
     code = "import sys, devops_cli.cli, devops_cli.quantize_cmd; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, "--help must not import torch"

@@ -1,0 +1,197 @@
+"""Every record of every local dataset file, checked before any worker starts: what the data pipeline
+(data.py) will read from it, by the entry's formatting and columns. Files are streamed (a line at a
+time for JSON lines, text and CSV), so a 10 GB corpus costs one read, not its size in memory; a JSON
+array file is parsed whole, as the datasets library does too.
+
+Problems come back as `file:line: what is wrong` (1-based lines; `file (record N)` in a JSON array),
+all at once, at most MAX_PER_FILE per file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .dataset_info import DatasetEntry
+from .errors import DevopsError
+
+MAX_PER_FILE = 3
+
+
+def problems(entry: DatasetEntry) -> list[DevopsError]:
+    """One error per distinct problem (the first record that has it; how many more do), at most
+    MAX_PER_FILE distinct problems per file."""
+    out: list[DevopsError] = []
+    for path in entry.files:
+        first: dict[str, str] = {}  # message -> where it was first seen
+        repeats: dict[str, int] = {}
+        other = 0
+        for where, message in _file_problems(entry, path):
+            if message in first:
+                repeats[message] += 1
+            elif len(first) < MAX_PER_FILE:
+                first[message], repeats[message] = where, 0
+            else:
+                other += 1
+        for message, where in first.items():
+            more = [f"{repeats[message]} more record(s) like it"] if repeats[message] else []
+            out.append(DevopsError(message, where, "; ".join(more) or None))
+        if other and out:
+            out[-1].hint = "; ".join(filter(None, [out[-1].hint, f"{other} other problem(s) in {path.name}"]))
+    return out
+
+
+def _file_problems(entry: DatasetEntry, path: Path):
+    if path.stat().st_size == 0:
+        yield str(path), "data file is empty — add examples"
+        return
+    if entry.loader == "parquet":
+        yield from _parquet(entry, path)
+        return
+    try:
+        if entry.loader == "text":
+            with open(path, encoding="utf-8") as f:
+                for _ in f:
+                    pass
+        elif entry.loader == "csv":
+            yield from _csv(entry, path)
+        elif entry.loader == "json":
+            yield from _json(entry, path)
+    except UnicodeDecodeError as e:
+        yield str(path), f"not UTF-8 text (byte {e.start} of a line cannot be decoded: a binary file?)"
+
+
+def _json(entry: DatasetEntry, path: Path):
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+        f.seek(0)
+        if head == "[":
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{e.lineno}", f"invalid JSON: {e.msg}"
+                return
+            if not records:
+                yield str(path), "no records"
+            for i, record in enumerate(records, 1):
+                for message in record_problems(entry, record):
+                    yield f"{path} (record {i})", message
+            return
+        seen = False
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            seen = True
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{n}", f"invalid JSON line: {e.msg} (column {e.colno}) — one JSON object per line"
+                continue
+            for message in record_problems(entry, record):
+                yield f"{path}:{n}", message
+        if not seen:
+            yield str(path), "no records"
+
+
+def _csv(entry: DatasetEntry, path: Path):
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        for role in _needed(entry):
+            if entry.columns[role] not in header:
+                yield f"{path}:1", _missing(entry, role, header)
+                return
+        for record in reader:
+            if None in record:  # more cells than the header has
+                yield f"{path}:{reader.line_num}", f"{len(header) + len(record[None])} cells, the header has {len(header)}"
+
+
+def _parquet(entry: DatasetEntry, path: Path):
+    """Column names and types from the file's schema (no rows read)."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
+        yield str(path), f"not a readable parquet file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        return
+    for role in _needed(entry):
+        if entry.columns[role] not in schema.names:
+            yield str(path), _missing(entry, role, schema.names)
+
+
+def _needed(entry: DatasetEntry) -> list[str]:
+    needed = {"pt": ["prompt"], "alpaca": ["prompt", "response"], "sharegpt": ["messages"]}[entry.formatting]
+    return needed + [role for role in sorted(entry.explicit) if role not in needed]
+
+
+def _missing(entry: DatasetEntry, role: str, present) -> str:
+    col = entry.columns[role]
+    return (f"column '{col}' ({role}) missing in dataset '{entry.name}'; columns are {', '.join(map(str, present))} "
+            f'(map it in dataset_info.json: "columns": {{"{role}": "<column>"}})')
+
+
+def record_problems(entry: DatasetEntry, record) -> list[str]:
+    """What data.py could not read in one JSON record, by the entry's formatting."""
+    if not isinstance(record, dict):
+        return [f"a record must be a JSON object, got {_kind(record)}"]
+    c = entry.columns
+    out = []
+    for role in _needed(entry):
+        if c[role] not in record:
+            out.append(_missing(entry, role, record))
+    if out:
+        return out
+    if entry.formatting == "pt":
+        return _string(record, c["prompt"], "prompt", required=True)
+    if entry.formatting == "sharegpt":
+        return _messages(entry, record.get(c["messages"]))
+    out += _string(record, c["prompt"], "prompt", required=False)
+    out += _string(record, c["response"], "response", required=False)
+    for role in ("query", "system"):
+        if c[role] in record:
+            out += _string(record, c[role], role, required=False)
+    history = record.get(c["history"])
+    if history is not None:
+        if not isinstance(history, list):
+            out.append(f"'{c['history']}' (history) must be a list of [question, answer] pairs, got {_kind(history)}")
+        else:
+            for i, pair in enumerate(history, 1):
+                if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) or x is None for x in pair)):
+                    out.append(f"'{c['history']}' (history) item {i} must be a [question, answer] pair of strings, "
+                               f"got {json.dumps(pair, ensure_ascii=False)[:60]}")
+                    break
+    return out
+
+
+def _string(record: dict, col: str, role: str, required: bool) -> list[str]:
+    value = record.get(col)
+    if isinstance(value, str) or (value is None and not required):
+        return []
+    return [f"'{col}' ({role}) must be a string, got {_kind(value)}"]
+
+
+def _messages(entry: DatasetEntry, messages) -> list[str]:
+    col, tags = entry.columns["messages"], entry.tags
+    if not isinstance(messages, list) or not messages:
+        return [f"'{col}' (messages) must be a non-empty list of messages, got {_kind(messages)}"]
+    roles = {tags["user_tag"], tags["assistant_tag"], tags["system_tag"]}
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            return [f"'{col}' message {i} must be an object with '{tags['role_tag']}' and '{tags['content_tag']}', got {_kind(m)}"]
+        if m.get(tags["role_tag"]) not in roles:
+            return [f"'{col}' message {i}: unknown {tags['role_tag']} {m.get(tags['role_tag'])!r} (expected one of "
+                    f"{', '.join(sorted(roles))}; set \"tags\" in dataset_info.json for other names)"]
+        content = m.get(tags["content_tag"])
+        if not (isinstance(content, str) or content is None):
+            return [f"'{col}' message {i}: '{tags['content_tag']}' must be a string, got {_kind(content)}"]
+    return []
+
+
+def _kind(value) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+             float: "a number", type(None): "null"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)

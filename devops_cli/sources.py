@@ -1,0 +1,49 @@
+"""What a --model / model_name_or_path string names: a local folder (checked whole: config.json and
+undamaged weights) or a hub id (owner/name). One rule for every command; no torch import."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from functools import cache
+from pathlib import Path
+
+from .errors import DevopsError
+from .weights import check_model_dir
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_id(name: str) -> bool:
+    """owner/name that is not a local path (an existing folder of that name wins)."""
+    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def check_model_arg(name: str, where: str | None = None) -> None:
+    """A local model folder must be one (config.json, whole weight files); a name that is neither a
+    folder nor a hub id is a folder that does not exist."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise DevopsError(f"'{name}' has no config.json, so it is not a model directory", where)
+        check_model_dir(path, where)
+    elif not HUB_ID.match(name):
+        hint = "build the tiny demo model with `devops-model tiny runs/tiny`" if "tiny" in name else "check the path"
+        raise DevopsError(f"model directory '{name}' does not exist", where, hint)
+
+
+@cache
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub can be reached from here: not with HF_HUB_OFFLINE set, else a TCP
+    connection to its host (HF_ENDPOINT's, or huggingface.co) within `timeout` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

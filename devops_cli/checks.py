@@ -14,7 +14,7 @@ from .errors import DevopsError, DevopsErrors
 from .launch import LOCK
 from .outputs import writable_or_raise
 from .recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved
-from .sources import HUB_ID
+from .sources import HUB_ID, hub_reachable
 from .weights import check_model_dir
 
 LORA_MODULES = {
@@ -82,10 +82,7 @@ def check(r: Recipe) -> tuple[list[str], Path | None]:
         from huggingface_hub import constants, try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(r.model_name_or_path, "config.json"), str):
-            if constants.HF_HUB_OFFLINE:
-                bad("model_name_or_path", f"'{r.model_name_or_path}' is neither a local directory nor in the hub cache, "
-                    "and HF_HUB_OFFLINE is set", "download it first or point at a local directory")
-            else:
+            if not constants.HF_HUB_OFFLINE and hub_reachable():  # else machine.problems stops the launch
                 warnings.append(f"model '{r.model_name_or_path}' is not a local directory: it will be downloaded from "
                                 "the hub (if you meant a local path, it does not exist)")
     else:

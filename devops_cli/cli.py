@@ -37,13 +37,14 @@ app = typer.Typer(
 RecipeArg = Annotated[Path | None, typer.Argument(help="YAML recipe (configs/*.yaml)", show_default=False)]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. learning_rate=1e-5",
                                                           show_default=False)]
-DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and torchrun argv; run nothing")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe, memory plan and torchrun argv; run nothing")]
+Force = Annotated[bool, typer.Option("--force", help="launch even when the memory plan says it will not fit (force=true)")]
 
 
-def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool) -> None:
-    from . import checks, launch, recipe
+def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool, force: bool) -> None:
+    from . import checks, launch, machine, recipe
 
-    overrides = list(overrides or [])
+    overrides = list(overrides or []) + (["force=true"] if force else [])
     if recipe_path is not None and "=" in str(recipe_path) and not recipe_path.exists():
         overrides.insert(0, str(recipe_path))  # `devops-model sft key=value ...` with no file
         recipe_path = None
@@ -65,11 +66,19 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
     if resume is not None:
         r.resume_from_checkpoint = str(resume)
     argv = launch.torchrun_argv(plan, out / "recipe.yaml")
+    # what this machine cannot run (precision, workers, the model's availability, DeepSpeed's needs, memory)
+    trouble, memory = machine.problems(r, plan, machine.read_deepspeed(r))
     if dry_run:
         console.print(recipe.dump(r), markup=False, end="")
-        console.print(f"# launch: {plan.describe()}", markup=False)
+        console.print(f"# launch: {plan.describe()}", markup=False, soft_wrap=True)
+        if memory is not None:
+            console.print(memory.table(), markup=False, soft_wrap=True)
         console.print(launch.display(argv), markup=False, soft_wrap=True)
+        for e in trouble:
+            warn(f"on this machine the launch would stop: {e.line()}")
         return
+    if trouble:  # before output_dir exists and before any worker starts
+        raise DevopsErrors(trouble)
 
     out.mkdir(parents=True, exist_ok=True)
     # node 0 holds output_dir while the run lives (other nodes share it on shared storage)
@@ -84,9 +93,12 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
                 warn(f"overwrite_output_dir: kept {', '.join(p.name for p in others)} in {out}: not written by devops-model")
         source = f"{recipe_path or 'command line'}" + (f" + {' '.join(overrides)}" if overrides else "")
         tmp = out / f".recipe.yaml.{os.getpid()}"  # atomic: other nodes may read it on a shared disk
-        tmp.write_text(recipe.dump(r, f"from {source}\n{launch.display(argv)}"), encoding="utf-8")
+        plan_lines = "\n" + "\n".join(line.removeprefix("# ") for line in memory.table().splitlines()) if memory else ""
+        tmp.write_text(recipe.dump(r, f"from {source}\n{launch.display(argv)}{plan_lines}"), encoding="utf-8")
         tmp.replace(out / "recipe.yaml")
         info(f"[bold]{stage}[/] → {escape(str(out))}  ({escape(plan.describe())})")
+        if memory is not None:
+            info(escape(memory.line()))
         if resume is not None:
             info(f"resuming from {escape(str(resume))}")
         launch.env_for_workers()
@@ -111,14 +123,14 @@ def _summary(out: Path) -> None:
     console.print(f"[green]done[/]: {', '.join(parts)} → {escape(str(out))}  (metrics.json, logs/, runs/)")
 
 
-def pt(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False) -> None:
+def pt(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False, force: Force = False) -> None:
     """Continued pretraining on your DevOps corpus: [bold]devops-model pt configs/7b-pt.yaml key=value ...[/]"""
-    _train("pt", recipe, overrides, dry_run)
+    _train("pt", recipe, overrides, dry_run, force)
 
 
-def sft(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False) -> None:
+def sft(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False, force: Force = False) -> None:
     """Supervised fine-tuning (full or LoRA) on DevOps QA: [bold]devops-model sft configs/7b-sft.yaml[/]"""
-    _train("sft", recipe, overrides, dry_run)
+    _train("sft", recipe, overrides, dry_run, force)
 
 
 def export(

@@ -7,8 +7,9 @@ import os
 from rich.console import Console
 from rich.markup import escape
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# soft_wrap: a long path or message stays one line (logs, pipes, tests read them whole)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def is_rank0() -> bool:

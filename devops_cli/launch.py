@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import socket
-import subprocess
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DevopsError
+from .machine import visible_gpus
 from .recipe import Recipe
 
 
@@ -36,20 +35,6 @@ class Launch:
         return (f"{self.nnodes} node(s) [{s['nnodes']}], this is node {self.node_rank} [{s['node_rank']}], "
                 f"{self.nproc_per_node} worker(s) per node [{s['nproc_per_node']}], "
                 f"master {self.master_addr}:{self.master_port} [{s['master_addr']}, {s['master_port']}]")
-
-
-def visible_gpus(env=os.environ) -> int:
-    """GPUs torch would see, without importing torch (so --dry-run stays instant)."""
-    cvd = env.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        return len([d for d in cvd.split(",") if d.strip() and d.strip() != "-1"])
-    if not shutil.which("nvidia-smi"):
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
 def free_port() -> int:
@@ -95,15 +80,6 @@ def plan(r: Recipe, env=os.environ) -> Launch:
         port = port or free_port()
     if nnodes < 1 or nproc < 1:
         raise DevopsError(f"nnodes ({nnodes}) and nproc_per_node ({nproc}) must be >= 1")
-    cores = os.cpu_count() or 1
-    at = r.where("nproc_per_node") if src["nproc_per_node"] == "recipe" else None
-    if gpus and nproc > gpus:
-        raise DevopsError(f"nproc_per_node {nproc} [{src['nproc_per_node']}] but this node has {gpus} visible GPU(s)",
-                          at, f"use nproc_per_node <= {gpus} (one worker per GPU)")
-    if not gpus and nproc > cores:
-        raise DevopsError(f"nproc_per_node {nproc} [{src['nproc_per_node']}] on a node with no GPU and {cores} CPU "
-                          "core(s): each CPU worker needs a core of its own", at,
-                          f"use nproc_per_node <= {cores}")
     if nnodes > 1 and src["master_addr"] == "default":  # each node would wait on its own 127.0.0.1
         raise DevopsError(f"{nnodes} nodes [{src['nnodes']}] but no master address",
                           hint="set master_addr=<node 0's address> or MASTER_ADDR on every node")

@@ -82,6 +82,7 @@ class Recipe:
     node_rank: int | None = _k(None, "this node's rank (default: env NODE_RANK / RANK, else 0)")
     master_addr: str | None = _k(None, "rendezvous host (default: env MASTER_ADDR, else 127.0.0.1)")
     master_port: int | None = _k(None, "rendezvous port (default: env MASTER_PORT, else a free one)")
+    force: bool = _k(False, "launch even when the memory plan says the run will not fit (--force)")
     # --- anything else transformers.TrainingArguments takes, validated ----------------------------
     extra: dict = field(default_factory=dict, metadata={"help": "pass-through TrainingArguments"})
 
@@ -107,7 +108,7 @@ LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_p
 RESUMABLE_CHANGES = {
     *LAUNCH_KEYS, "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "num_train_epochs",
     "logging_steps", "save_steps", "eval_steps", "save_total_limit", "report_to", "plot_loss",
-    "preprocessing_num_workers",
+    "preprocessing_num_workers", "force",
 }  # fmt: skip
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target")
 

@@ -86,6 +86,25 @@ def _mark_checkpoints():
     return Mark()
 
 
+def peak_memory() -> dict:
+    """The largest peak over all ranks: resident set size of the process, and on GPU what torch's
+    allocator held."""
+    import resource
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    peaks = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+                          torch.cuda.max_memory_allocated() if cuda else 0.0], dtype=torch.float64)  # fmt: skip
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        peaks = peaks.to("cuda") if cuda else peaks
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    out = {"peak_rss_bytes": int(peaks[0].item())}
+    if cuda:
+        out["peak_cuda_allocated_bytes"] = int(peaks[1].item())
+    return out
+
+
 def run(r: Recipe) -> dict:
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer
@@ -128,6 +147,7 @@ def run(r: Recipe) -> dict:
         ev = trainer.evaluate()
         metrics.update(ev)
         metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+    metrics.update(peak_memory())  # what memory.py's plan is measured against
     if trainer.is_world_process_zero():
         (Path(r.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
         if r.plot_loss:

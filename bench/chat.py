@@ -42,9 +42,9 @@ def bench_model(label: str, path: Path, tokens: int, repeat: int) -> dict:
     import torch
     from rich.console import Console
 
-    from devops_cli.chat import ChatSession, settings_from
-    from devops_cli.chat_cmd import load
-    from devops_cli.render import ReplyView
+    from devops_cli.chat.command import load
+    from devops_cli.chat.render import ReplyView
+    from devops_cli.chat.session import ChatSession, settings_from
     from devops_cli.templates import DEFAULT_SYSTEM
 
     model, tok, name = load(str(path), None, "float32", "cpu")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lmeval  # noqa: E402
 
-from devops_cli.exam import DEVOPS_EXAM, load_local  # noqa: E402
+from devops_cli.eval.exam import DEVOPS_EXAM, load_local  # noqa: E402
 
 MODELS = {"tiny": {"hidden_size": 128, "num_layers": 2}, "mid": {"hidden_size": 512, "num_layers": 4}}
 
@@ -63,9 +63,10 @@ def plain_loop(model_dir: Path, result: dict) -> tuple[float, float, int]:
     """(seconds, max |logit diff| vs the batched run, predictions that differ), one prompt at a time."""
     import torch
 
-    from devops_cli import evaluate, prompts
+    from devops_cli.eval import prompts
+    from devops_cli.eval import run as evaluate
+    from devops_cli.eval.scoring import Scorer, predict
     from devops_cli.modeling import load_model, load_tokenizer
-    from devops_cli.scoring import Scorer, predict
 
     o = evaluate.EvalOptions(**{**result["options"], "model": str(model_dir)})
     tok = load_tokenizer(str(model_dir))
@@ -86,9 +87,10 @@ def self_check_cost(model_dir: Path, result: dict, rounds: int) -> str:
     cache is the group's prefix pass) against scoring without it (the prefix pass alone)."""
     import torch
 
-    from devops_cli import evaluate, prompts
+    from devops_cli.eval import prompts
+    from devops_cli.eval import run as evaluate
+    from devops_cli.eval.scoring import Scorer, plan
     from devops_cli.modeling import load_model, load_tokenizer
-    from devops_cli.scoring import Scorer, plan
 
     o = evaluate.EvalOptions(**{**result["options"], "model": str(model_dir)})
     tok = load_tokenizer(str(model_dir))
@@ -113,7 +115,7 @@ def self_check_cost(model_dir: Path, result: dict, rounds: int) -> str:
 
 def agreement(lm_out: Path, result: dict, data: Path) -> str:
     """lm-eval's logged contexts and loglikelihoods against our prompts and four logits."""
-    from devops_cli import prompts
+    from devops_cli.eval import prompts
 
     logged = lmeval.samples(lm_out)
     subjects = {s.name: s for s in load_local(data, None, result["shots"])}

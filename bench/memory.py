@@ -43,7 +43,7 @@ def run(stage: str, model: Path, out: Path, steps: int, extra: list[str]) -> dic
 
 
 def planned(out: Path):
-    from devops_cli import machine, memory, recipe
+    from devops_cli.train import machine, memory, recipe
 
     r = recipe.load(out / "recipe.yaml")
     plan, _ = memory.plan_recipe(r, r.nproc_per_node or 1, 1, machine.gpu_info(), machine.read_deepspeed(r))
@@ -56,8 +56,8 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,mid,large")
     ap.add_argument("--keep", type=Path)
     args = ap.parse_args()
-    from devops_cli.memory import gib
     from devops_cli.tiny import build
+    from devops_cli.train.memory import gib
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-memory-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ Models, built here (nothing is downloaded):
   mid       a random Qwen2, 4 layers x hidden 512 (8 heads, 2 kv heads, intermediate 1536), untrained
   1.5b      (GPU only) a random Qwen2 shaped like Qwen2-1.5B (28 x 1536, vocab 151936), time per layer
 
-Each is quantized by the real command path (devops_cli.quantize.run) at int4 and int8, calibrated on the
+Each is quantized by the real command path (devops_cli.quantize.run.run) at int4 and int8, calibrated on the
 bundled DevOps corpus (128 samples x 1024 tokens asked; the tiny tokenizer's corpus holds fewer). Baseline
 = the same fp16 model, measured in the same run: perplexity on the held-out blocks before quantizing, the
 fp16 byte count of the quantized layers and of the whole model, and its logits (relative error of the
@@ -55,7 +55,7 @@ def logit_error(before: Path, after: Path, report: dict) -> float:
     import torch
 
     from devops_cli.modeling import load_model, load_tokenizer
-    from devops_cli.quantize_data import open_source, token_blocks
+    from devops_cli.quantize.calibration import open_source, token_blocks
 
     seq = report["options"]["calib_seq_len"]
     blocks = token_blocks(open_source(None, None, "bundled", "-"), load_tokenizer(str(before)), seq, 1, 1)
@@ -77,7 +77,7 @@ def main() -> None:
 
     import torch
 
-    from devops_cli.quantize import QuantizeOptions, run
+    from devops_cli.quantize.run import QuantizeOptions, run
 
     torch.set_num_threads(args.threads)
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-quantize-"))

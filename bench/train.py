@@ -36,8 +36,8 @@ def launch(stage: str, config: str, out: Path, *overrides: str) -> dict:
 
 def packing_efficiency(stage: str, model: Path, batch: int) -> float:
     """non-pad / all tokens over the train set, batched as the Trainer feeds it (no length grouping)."""
-    from devops_cli import data, recipe
     from devops_cli.modeling import load_tokenizer
+    from devops_cli.train import data, recipe
 
     config = ROOT / "configs" / f"tiny-{stage}.yaml"
     r = recipe.load(config, [f"model_name_or_path={model}", "val_size=0", "eval_steps=null"])

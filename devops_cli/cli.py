@@ -16,13 +16,13 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .chat_cmd import chat
-from .console import console, fail, info, quiet_imports, warn
-from .convert_cmd import convert_command
-from .errors import DevopsError, DevopsErrors
-from .eval_cmd import eval_command
-from .outputs import new_output_dir
-from .quantize_cmd import quantize_command
+from devops_cli.chat.command import chat
+from devops_cli.console import console, fail, info, quiet_imports, warn
+from devops_cli.convert.command import convert_command
+from devops_cli.errors import DevopsError, DevopsErrors
+from devops_cli.eval.command import eval_command
+from devops_cli.outputs import new_output_dir
+from devops_cli.quantize.command import quantize_command
 
 app = typer.Typer(
     name="devops-model",
@@ -42,7 +42,7 @@ Force = Annotated[bool, typer.Option("--force", help="launch even when the memor
 
 
 def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool, force: bool) -> None:
-    from . import checks, launch, machine, recipe
+    from devops_cli.train import checks, launch, machine, recipe
 
     overrides = list(overrides or []) + (["force=true"] if force else [])
     if recipe_path is not None and "=" in str(recipe_path) and not recipe_path.exists():
@@ -141,7 +141,7 @@ def export(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
 ) -> None:
     """Merge a LoRA adapter into its base model: full weights loadable with from_pretrained."""
-    from .modeling import adapter_base, merge_adapter
+    from devops_cli.modeling import adapter_base, merge_adapter
 
     new_output_dir(output, overwrite)
     base = model or adapter_base(adapter)
@@ -160,7 +160,7 @@ def tiny(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty directory")] = False,
 ) -> None:
     """Build a tiny Qwen2 model + BPE tokenizer from the bundled corpus (smoke tests, demos)."""
-    from .tiny import build
+    from devops_cli.tiny import build
 
     out = build(output, hidden_size=hidden_size, num_layers=layers, vocab_size=vocab_size, seed=seed,
                 overwrite=overwrite)
@@ -172,7 +172,7 @@ def keys() -> None:
     """List every recipe key with its default and meaning."""
     from rich.table import Table
 
-    from .recipe import REQUIRED, schema
+    from devops_cli.train.recipe import REQUIRED, schema
 
     table = Table("key", "default", "meaning", box=None, header_style="bold")
     for f in schema():

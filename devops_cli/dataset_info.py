@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DevopsError
+from devops_cli.errors import DevopsError
 
 BUNDLED_DIR = Path(__file__).parent / "assets" / "data"
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}

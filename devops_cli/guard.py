@@ -34,7 +34,7 @@ def fallback(command: str, what: str, detail: str, plain: str) -> str:
     """Warn that `what` of `command` failed its self-check (`detail`) and that `plain` takes over;
     returns the record of it, 'plain (WHAT failed self-check: DETAIL, LIBRARIES)', for results that
     say how they were made."""
-    from .console import warn
+    from devops_cli.console import warn
 
     detail = f"{detail}; {library_versions()}"
     warn(f"{command}: the {what} failed its self-check against the plain path ({detail}): using {plain} "

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .console import import_quietly
-from .convert import resolve_model, watch_seq_length
-from .errors import DevopsError
-from .templates import CHATML, DEFAULT
-from .weights import check_adapter_dir, check_model_dir
+from devops_cli.console import import_quietly
+from devops_cli.convert.qwen_v1 import resolve_model, watch_seq_length
+from devops_cli.errors import DevopsError
+from devops_cli.templates import CHATML, DEFAULT
+from devops_cli.weights import check_adapter_dir, check_model_dir
 
 
 def load_tokenizer(name: str, template: str | None = None, trust_remote_code: bool = False):
@@ -55,7 +55,9 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
         check_model_dir(Path(name))  # a damaged file is one line naming it, not a loader traceback
     config = Path(name) / "config.json"
     if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
-        from .quantize import import_gptq_quietly  # a GPTQ checkpoint: no library banners in chat/eval
+        from devops_cli.quantize.run import (
+            import_gptq_quietly,  # a GPTQ checkpoint: no library banners in chat/eval
+        )
 
         import_gptq_quietly()
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import DevopsError
+from devops_cli.errors import DevopsError
 
 
 def new_output_dir(path: Path, overwrite: bool, where: str | None = "--output", flag: str = "--overwrite") -> None:

@@ -13,8 +13,8 @@ import csv
 import json
 from pathlib import Path
 
-from .dataset_info import DatasetEntry
-from .errors import DevopsError
+from devops_cli.dataset_info import DatasetEntry
+from devops_cli.errors import DevopsError
 
 MAX_PER_FILE = 3
 

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .recipe import is_resolved, read_resolved
+from devops_cli.train.recipe import is_resolved, read_resolved
 
 
 @dataclass

@@ -9,8 +9,8 @@ import socket
 from functools import cache
 from pathlib import Path
 
-from .errors import DevopsError
-from .weights import check_model_dir
+from devops_cli.errors import DevopsError
+from devops_cli.weights import check_model_dir
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

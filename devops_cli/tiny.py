@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .dataset_info import BUNDLED_DIR
-from .errors import DevopsError
-from .outputs import new_output_dir
-from .qwen_tokenizer import qwen_pipeline
-from .templates import CHATML
+from devops_cli.convert.tokenizer import qwen_pipeline
+from devops_cli.dataset_info import BUNDLED_DIR
+from devops_cli.errors import DevopsError
+from devops_cli.outputs import new_output_dir
+from devops_cli.templates import CHATML
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -91,7 +91,7 @@ def train_briefly(src: str | Path, out: str | Path, steps: int, block: int = 128
     and perplexity mean little on a random model). Returns (first, last) training loss."""
     import torch
 
-    from .modeling import load_model, load_tokenizer
+    from devops_cli.modeling import load_model, load_tokenizer
 
     tok = load_tokenizer(str(src))
     model = load_model(str(src), torch.float32)

@@ -11,7 +11,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from .errors import DevopsError
+from devops_cli.errors import DevopsError
 
 
 def check_model_dir(path: Path, where: str | None = None) -> None:

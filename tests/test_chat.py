@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from conftest import run_cli
-from devops_cli import loginput, transcript
+from devops_cli.chat import loginput, transcript
 from devops_cli.errors import DevopsError
 
 
@@ -28,8 +28,8 @@ def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
 
 @pytest.fixture(scope="module")
 def session(tiny_model):
-    from devops_cli.chat import ChatSession, settings_from
-    from devops_cli.chat_cmd import load
+    from devops_cli.chat.command import load
+    from devops_cli.chat.session import ChatSession, settings_from
 
     model, tok, name = load(str(tiny_model), None, "auto", "cpu")
     return ChatSession(model, tok, model_name=name, settings=settings_from(model.generation_config, {}),
@@ -50,7 +50,7 @@ def fresh(session):
 def test_defaults_come_from_the_generation_config(tiny_model):
     from transformers import GenerationConfig
 
-    from devops_cli.chat import settings_from
+    from devops_cli.chat.session import settings_from
 
     config = GenerationConfig.from_pretrained(tiny_model)
     assert settings_from(config, {}) == {"do_sample": False, "max_new_tokens": 256}
@@ -90,7 +90,7 @@ def test_decode_gives_generates_tokens(fresh, settings):
     """The chat's own decode loop against model.generate: same tokens, greedy and (same seed) sampled."""
     import torch
 
-    from devops_cli.decode import stream
+    from devops_cli.chat.decode import stream
 
     settings = {**settings, "max_new_tokens": 40}
     _, ids, _ = fresh.prepare("why is my pod pending?")
@@ -117,7 +117,7 @@ def test_the_generate_fallback_gives_the_loops_tokens(fresh, settings):
     """stream_generate (what a session uses once its loop failed the self-check) decodes as the loop does."""
     import torch
 
-    from devops_cli.decode import stream, stream_generate
+    from devops_cli.chat.decode import stream, stream_generate
 
     settings = {**settings, "max_new_tokens": 30}
     x = torch.tensor([fresh.prepare("why is my pod pending?")[1]])
@@ -138,9 +138,9 @@ def test_self_check_catches_a_loop_that_loses_its_cache(tiny_model, monkeypatch,
     import torch
     import transformers
 
-    from devops_cli import decode
-    from devops_cli.chat import ChatSession, settings_from
-    from devops_cli.chat_cmd import load
+    from devops_cli.chat import decode
+    from devops_cli.chat.command import load
+    from devops_cli.chat.session import ChatSession, settings_from
 
     model, tok, name = load(str(tiny_model), None, "auto", "cpu")
     monkeypatch.setattr(decode, "cache_kwarg", lambda module: "cache_under_an_old_name")
@@ -162,7 +162,7 @@ def test_self_check_catches_a_loop_that_loses_its_cache(tiny_model, monkeypatch,
 def test_decode_stops_at_a_stop_id_and_when_asked(fresh):
     import torch
 
-    from devops_cli.decode import stream
+    from devops_cli.chat.decode import stream
 
     x = torch.tensor([fresh.prepare("hello")[1]])
     got: list[int] = []

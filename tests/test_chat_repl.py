@@ -116,7 +116,7 @@ def test_conversation_commands_and_transcripts(tiny_model, tmp_path):
     repl.say("fourth")
     out = repl.command("/prompt", "end of prompt")
     assert "You are an SRE who answers in haiku." in out and "first question: why is the pod pending?" in out
-    from devops_cli import transcript  # the Markdown transcript holds the same turns as the JSON one
+    from devops_cli.chat import transcript  # the Markdown transcript holds the same turns as the JSON one
 
     loaded = transcript.load(tmp_path / "t.md")
     assert [(t["user"], t["assistant"]) for t in loaded["turns"][:2]] == [

@@ -46,7 +46,7 @@ def _ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 def test_real_configs_map_to_qwen2(kind, want):
     from transformers import Qwen2Config
 
-    from devops_cli.convert import is_qwen_v1, qwen2_config
+    from devops_cli.convert.qwen_v1 import is_qwen_v1, qwen2_config
 
     path = need_shared(CONFIGS[kind]) / CONFIGS[kind]
     c = qwen2_config(json.loads(path.read_text()), path)
@@ -133,7 +133,7 @@ def test_past_seq_length_differs_and_warns(tmp_path, capsys):
 def test_decoding_past_seq_length_warns_too(tmp_path, capsys):
     """Token by token the forward sees one new token; the cached ones count (the cache argument under
     whichever name this transformers uses)."""
-    from devops_cli.decode import stream
+    from devops_cli.chat.decode import stream
     from devops_cli.modeling import load_model
 
     cfg = v1_config("2023-08", seq_length=16)
@@ -149,7 +149,7 @@ def test_decoding_past_seq_length_warns_too(tmp_path, capsys):
 def test_output_files_and_sharding(tmp_path):
     from safetensors import safe_open
 
-    from devops_cli.convert import convert, expected_shapes
+    from devops_cli.convert.qwen_v1 import convert, expected_shapes
 
     cfg = v1_config("2023-12", seq_length=64)
     src = write_v1(tmp_path / "v1", cfg, v1_weights(cfg), "bin", 2)
@@ -234,8 +234,8 @@ def test_pickled_code_in_a_bin_never_runs(tmp_path):
 def test_resolve_model_converts_once_and_reuses(small_v1, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from devops_cli import convert
-    from devops_cli.convert import CACHE_ENV, resolve_model
+    from devops_cli.convert import qwen_v1 as convert
+    from devops_cli.convert.qwen_v1 import CACHE_ENV, resolve_model
     from devops_cli.errors import DevopsError
 
     def new_process():  # a later command starts with an empty in-process memo
@@ -268,8 +268,8 @@ def test_resolve_model_converts_once_and_reuses(small_v1, tmp_path, capsys, monk
 
 
 def test_recipe_check_accepts_a_v1_directory(small_v1, data_dir, tmp_path):
-    from devops_cli import checks, recipe
     from devops_cli.errors import DevopsErrors
+    from devops_cli.train import checks, recipe
 
     base = [f"model_name_or_path={small_v1}", f"dataset_dir={data_dir}", "dataset=qa", f"output_dir={tmp_path / 'o'}"]
     warnings, _ = checks.check(recipe.load(None, base, stage="sft"))

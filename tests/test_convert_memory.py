@@ -21,7 +21,7 @@ from conftest import ROOT
 MEASURE = r"""
 import json, sys, threading, time, tracemalloc
 from pathlib import Path
-from devops_cli import convert
+from devops_cli.convert import qwen_v1 as convert
 import torch, safetensors, transformers, tokenizers  # imported before the baseline
 
 def status(key):

@@ -118,7 +118,7 @@ def reference():
     tiktoken = pytest.importorskip("tiktoken", reason="the reference encoder is tiktoken (pip install tiktoken)")
     from tiktoken.load import load_tiktoken_bpe
 
-    from devops_cli.qwen_tokenizer import QWEN_REGEX, SPECIALS
+    from devops_cli.convert.tokenizer import QWEN_REGEX, SPECIALS
 
     ranks = load_tiktoken_bpe(str(need_shared("qwen.tiktoken") / "qwen.tiktoken"))
     specials = {t: 151643 + i for i, t in enumerate(SPECIALS)}
@@ -128,7 +128,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from devops_cli.qwen_tokenizer import build_tokenizer
+    from devops_cli.convert.tokenizer import build_tokenizer
 
     out = tmp_path_factory.mktemp("tok")
     build_tokenizer(need_shared("qwen.tiktoken") / "qwen.tiktoken").save_pretrained(out)
@@ -184,7 +184,7 @@ def test_ids_equal_tiktoken_piece_by_piece(reference, converted):
 
 
 def test_specials_ids_and_chat_format(converted):
-    from devops_cli.qwen_tokenizer import SPECIALS
+    from devops_cli.convert.tokenizer import SPECIALS
 
     assert [converted.convert_tokens_to_ids(t) for t in SPECIALS] == list(range(151643, 151851))
     assert len(converted) == 151851

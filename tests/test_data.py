@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import write_jsonl
-from devops_cli import data, recipe
 from devops_cli.errors import DevopsError
+from devops_cli.train import data, recipe
 
 IGNORE = data.IGNORE
 

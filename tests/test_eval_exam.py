@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, SHARED, run_cli
 from devops_cli.errors import DevopsError
-from devops_cli.exam import BUNDLED_EXAM, discover, load_local, read_csv
+from devops_cli.eval.exam import BUNDLED_EXAM, discover, load_local, read_csv
 
 DATA = SHARED / "data" / "devops-exam"
 needs_data = pytest.mark.skipif(not (DATA / "cmmlu").is_dir(), reason=f"exam data not found at {DATA} (../shared)")
@@ -112,7 +112,7 @@ def test_existing_output_is_kept_unless_overwrite(exam, tmp_path, monkeypatch):
     assert r.returncode == 2 and "no-model" in r.stderr and "exists" not in r.stderr, r.stderr
     assert out.read_text() == "earlier results"
     # the default name never replaces an earlier result: the time is appended
-    from devops_cli.evaluate import EvalOptions, output_path
+    from devops_cli.eval.run import EvalOptions, output_path
 
     monkeypatch.chdir(tmp_path)
     o = EvalOptions(model="runs/my-model/", protocol="devops-eval", shots=5)
@@ -146,7 +146,7 @@ def test_recipe_errors_name_file_and_line(tmp_path, exam):
 
 
 def test_shipped_eval_recipe_parses():
-    from devops_cli.eval_cmd import read_recipe
+    from devops_cli.eval.command import read_recipe
 
     path = ROOT / "configs" / "eval.yaml"
     first = path.read_text(encoding="utf-8").splitlines()[0]

@@ -9,8 +9,8 @@ import csv
 import pytest
 
 from conftest import SHARED
-from devops_cli import prompts
-from devops_cli.exam import load_local
+from devops_cli.eval import prompts
+from devops_cli.eval.exam import load_local
 
 DATA = SHARED / "data" / "devops-exam"
 pytestmark = pytest.mark.skipif(not (DATA / "cmmlu").is_dir(), reason=f"exam data not found at {DATA} (../shared)")

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED, run_cli
-from devops_cli import evaluate, prompts
-from devops_cli.exam import BUNDLED_EXAM
-from devops_cli.scoring import Scorer, common_prefix, plan, predict
+from devops_cli.eval import prompts
+from devops_cli.eval import run as evaluate
+from devops_cli.eval.exam import BUNDLED_EXAM
+from devops_cli.eval.scoring import Scorer, common_prefix, plan, predict
 
 DATA = SHARED / "data" / "devops-exam"
 needs_data = pytest.mark.skipif(not (DATA / "cmmlu").is_dir(), reason=f"exam data not found at {DATA} (../shared)")
@@ -57,7 +58,7 @@ def test_scorer_equals_reference_on_other_architectures(arch):
         got = scorer.score(prompts_, keys, batch_size, check=False)  # the fast path itself, no fallback
         assert (got - reference).abs().max().item() < 1e-4
 def test_summary_is_micro_overall_and_macro(tmp_path):
-    from devops_cli.exam import Subject
+    from devops_cli.eval.exam import Subject
 
     o = evaluate.EvalOptions(model="m", shots=5)
     subjects = [Subject("a", "cmmlu", "甲"), Subject("b", "ceval", "乙")]
@@ -69,7 +70,7 @@ def test_summary_is_micro_overall_and_macro(tmp_path):
 
 
 def test_eval_module_does_not_import_torch():
-    code = "import sys\nimport devops_cli.eval_cmd, devops_cli.evaluate\nprint('torch' in sys.modules)"
+    code = "import sys\nimport devops_cli.eval.command, devops_cli.eval.run\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"
 
@@ -171,7 +172,7 @@ def test_self_check_catches_a_broken_fast_path(tiny_model, monkeypatch, capsys):
     its result, and its logits are the plain forward's."""
     import transformers
 
-    from devops_cli import scoring
+    from devops_cli.eval import scoring
     from devops_cli.modeling import load_model, load_tokenizer
 
     real = scoring._LastTokenLayer._last_query

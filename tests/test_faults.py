@@ -38,7 +38,7 @@ def workers_of(out: Path) -> list[int]:
             state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0]
         except OSError:
             continue
-        if b"devops_cli.worker" in cmd and mark in cmd and state != "Z":
+        if b"devops_cli.train.worker" in cmd and mark in cmd and state != "Z":
             pids.append(int(pid))
     return pids
 

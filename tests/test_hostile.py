@@ -245,8 +245,8 @@ def test_hostile_input_is_one_clear_line_and_exit_2(name, ctx):
 # --- the REPL's and the session's own inputs (no terminal needed: the session API the REPL calls) ---
 
 def test_set_refuses_more_new_tokens_than_the_context(tiny_model):
-    from devops_cli.chat import ChatSession, settings_from
-    from devops_cli.chat_cmd import load
+    from devops_cli.chat.command import load
+    from devops_cli.chat.session import ChatSession, settings_from
     from devops_cli.errors import DevopsError
 
     model, tok, name = load(str(tiny_model), None, "auto", "cpu")
@@ -265,7 +265,7 @@ def test_set_refuses_more_new_tokens_than_the_context(tiny_model):
     ("not a mapping", "'generation' must be a mapping"),
 ])  # fmt: skip
 def test_load_refuses_a_transcript_with_bad_settings(tmp_path, generation, expect):
-    from devops_cli import transcript
+    from devops_cli.chat import transcript
     from devops_cli.errors import DevopsError
 
     path = tmp_path / "t.json"

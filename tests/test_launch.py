@@ -7,8 +7,8 @@ import shlex
 import pytest
 
 from conftest import run_cli
-from devops_cli import launch, recipe
 from devops_cli.errors import DevopsError
+from devops_cli.train import launch, recipe
 
 
 def _r(**kw):

@@ -73,7 +73,7 @@ def test_decoder_layers_are_plain_pre_norm_blocks(arch):
     h + mlp(norm2 h); the attention from q/k/v/o, the module's apply_rotary_pos_emb and SDPA."""
     import sys
 
-    from devops_cli.scoring import _ATTN_PARTS
+    from devops_cli.eval.scoring import _ATTN_PARTS
 
     model = small(arch)
     decoder = model.get_decoder()
@@ -100,7 +100,7 @@ def test_sdpa_reads_the_gqa_switch():
     """Without it the scorer's switch does nothing: slower, never wrong (the self-check covers it)."""
     from transformers.integrations import sdpa_attention
 
-    from devops_cli.scoring import GQA_SWITCH
+    from devops_cli.eval.scoring import GQA_SWITCH
 
     assert GQA_SWITCH in inspect.getsource(sdpa_attention), f"{TF}: SDPA no longer reads {GQA_SWITCH}"
 

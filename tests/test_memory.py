@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SHARED, run_cli
-from devops_cli import memory, recipe
+from devops_cli.train import memory, recipe
 
 
 @pytest.mark.parametrize("arch, extra", [("Qwen2", {}), ("Llama", {"attention_bias": True}), ("Qwen3", {}),

@@ -120,8 +120,8 @@ def test_chat_and_eval_load_the_int4_model(int4, capsys, monkeypatch, tmp_path):
     assert code == 0, err
     reply = json.loads(stdout)
     assert reply["completion_tokens"] >= 1
-    if importlib.util.find_spec("devops_cli.evaluate") is None:
-        pytest.skip("devops_cli.evaluate is not there yet")
+    if importlib.util.find_spec("devops_cli.eval.run") is None:
+        pytest.skip("devops_cli.eval.run is not there yet")
     result = tmp_path / "eval.json"
     code, stdout, err = cli(["eval", "--model", str(out), "--data-dir", str(ROOT / "devops_cli" / "assets" / "exam"),
                              "--subjects", "all", "--shots", "0", "--limit", "3", "--output", str(result)], capsys)
@@ -180,8 +180,8 @@ def test_lora_adapter_is_merged_first(trained, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 
     from devops_cli.modeling import load_model, load_tokenizer
-    from devops_cli.quantize import perplexity
-    from devops_cli.quantize_data import open_source, token_blocks
+    from devops_cli.quantize.calibration import open_source, token_blocks
+    from devops_cli.quantize.run import perplexity
 
     base = load_model(str(trained), torch.float32)
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def test_lora_adapter_is_merged_first(trained, tmp_path, capsys):
 @needs_gptq
 def test_failure_midway_leaves_the_old_output_and_no_scratch(trained, tmp_path, capsys, monkeypatch):
     """A fault after the checkpoint is written but before it is verified (fault injection, not a fake)."""
-    from devops_cli import quantize
+    from devops_cli.quantize import run as quantize
 
     out = tmp_path / "int4"
     out.mkdir()
@@ -231,7 +231,7 @@ def test_a_checkpoint_that_does_not_reload_as_quantized_is_refused(trained, tmp_
     line naming the libraries, exit 1, nothing at --output."""
     from gptqmodel.utils.model import hf_convert_gptq_v2_to_v1_format
 
-    from devops_cli import quantize
+    from devops_cli.quantize import run as quantize
 
     def uncorrected(q, model, path):
         model, _ = hf_convert_gptq_v2_to_v1_format(model, q.sym, q.bits, q.quant_linear, q.format, q.meta)
@@ -292,5 +292,5 @@ def test_overwrite_guard_in_a_real_process_without_torch(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == (f"error: --output: '{tmp_path / 'out'}' exists and is not empty — "
                                 "choose another directory or pass --overwrite")
-    code = "import sys, devops_cli.cli, devops_cli.quantize_cmd; sys.exit('torch' in sys.modules)"
+    code = "import sys, devops_cli.cli, devops_cli.quantize.command; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, "--help must not import torch"

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from devops_cli import checks, recipe
 from devops_cli.errors import DevopsError, DevopsErrors
+from devops_cli.train import checks, recipe
 
 # training recipes (eval.yaml and other commands' recipes are checked by those commands' tests)
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "stage" in yaml.safe_load(p.read_text()))

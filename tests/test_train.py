@@ -109,7 +109,7 @@ def _check_merge_equals_adapter(adapter: Path, merged: Path):
 
 
 def test_two_nodes_on_one_machine_train_one_job(pt_model, tmp_path):
-    from devops_cli.launch import free_port
+    from devops_cli.train.launch import free_port
 
     out = tmp_path / "two-nodes"
     port = free_port()
@@ -141,7 +141,7 @@ def _worker_pid(rank: int, timeout: float = 120) -> int:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"devops_cli.worker" in cmd and f"RANK={rank}".encode() in env:
+            if b"devops_cli.train.worker" in cmd and f"RANK={rank}".encode() in env:
                 return int(pid)
         time.sleep(0.2)
     raise AssertionError(f"no worker of rank {rank} found")
@@ -189,7 +189,7 @@ def test_ctrl_c_stops_every_worker(tiny_model, tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
     time.sleep(1)
-    assert not [p for p in pids if Path(f"/proc/{p}").exists() and b"devops_cli.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert not [p for p in pids if Path(f"/proc/{p}").exists() and b"devops_cli.train.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def test_pt_corpus_smaller_than_one_block_is_one_line(tiny_model, tmp_path):

@@ -21,12 +21,12 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from .console import err_console, is_rank0, warn
-from .errors import DevopsError
-from .hfcompat import NEW, OLD
-from .outputs import new_output_dir
-from .qwen_tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
-from .sources import HUB_ID
+from devops_cli.console import err_console, is_rank0, warn
+from devops_cli.convert.tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
+from devops_cli.errors import DevopsError
+from devops_cli.hfcompat import NEW, OLD
+from devops_cli.outputs import new_output_dir
+from devops_cli.sources import HUB_ID
 
 STOP_IDS = [151643, 151645, 151644]  # <|endoftext|>, <|im_end|>, <|im_start|>: v1 chat stops on each
 MARKER = "devops-model-conversion.json"  # written last: its presence means a complete conversion

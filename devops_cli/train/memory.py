@@ -62,7 +62,7 @@ class Shape:
     @classmethod
     def from_config(cls, c: dict) -> Shape:
         if c.get("model_type") == "qwen":  # Qwen v1: sized as the Qwen2 model it is converted to
-            from .convert import qwen2_config
+            from devops_cli.convert.qwen_v1 import qwen2_config
 
             c = {**qwen2_config(c, Path("config.json")), "model_type": "qwen2"}
         heads = c["num_attention_heads"]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from . import transcript
-from .chat import SETTINGS, ChatSession
-from .console import console, fail, warn
-from .errors import DevopsError
-from .render import ReplyView
+from devops_cli.chat import transcript
+from devops_cli.chat.render import ReplyView
+from devops_cli.chat.session import SETTINGS, ChatSession
+from devops_cli.console import console, fail, warn
+from devops_cli.errors import DevopsError
 
 HELP = [
     ("/help", "this list"),

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import dataset_info
-from .errors import DevopsError
-from .recipe import Recipe
-from .templates import DEFAULT_SYSTEM, END_OF_TURN
+from devops_cli import dataset_info
+from devops_cli.errors import DevopsError
+from devops_cli.templates import DEFAULT_SYSTEM, END_OF_TURN
+from devops_cli.train.recipe import Recipe
 
 IGNORE = -100
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-from .errors import DevopsError
-from .templates import CHATML
+from devops_cli.errors import DevopsError
+from devops_cli.templates import CHATML
 
 QWEN_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]

@@ -17,12 +17,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import __version__, prompts
-from .console import console, info
-from .errors import DevopsError
-from .exam import LETTERS, Subject, load_hub, load_local
-from .sources import check_model_arg, hub_reachable
-from .weights import check_adapter_dir
+from devops_cli import __version__
+from devops_cli.console import console, info
+from devops_cli.errors import DevopsError
+from devops_cli.eval import prompts
+from devops_cli.eval.exam import LETTERS, Subject, load_hub, load_local
+from devops_cli.sources import check_model_arg, hub_reachable
+from devops_cli.weights import check_adapter_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MAX_SHOTS = 5
@@ -75,7 +76,7 @@ def check_files(o: EvalOptions, where=lambda flag: flag) -> None:
 
 
 # where this project's workspace keeps the exam's CSVs (licensed, never shipped in the package)
-LOCAL_EXAM = (Path("../shared/data/devops-exam"), Path(__file__).resolve().parents[2] / "shared" / "data" / "devops-exam")
+LOCAL_EXAM = (Path("../shared/data/devops-exam"), Path(__file__).resolve().parents[3] / "shared" / "data" / "devops-exam")
 
 
 def exam_dir(o: EvalOptions) -> str | None:
@@ -167,7 +168,7 @@ def check_lm_eval_split(tokenizer, ids: list[list[int]], records: list[dict], op
 def load_scoring_model(o: EvalOptions):
     import torch
 
-    from .modeling import apply_adapter, load_model
+    from devops_cli.modeling import apply_adapter, load_model
 
     device = o.device
     if device == "auto":
@@ -195,7 +196,7 @@ def run(o: EvalOptions, where=lambda flag: flag) -> dict:
     o.data_dir = exam_dir(o)
     subjects = load_exam(o)
     check_files(o, where)
-    from .modeling import load_tokenizer
+    from devops_cli.modeling import load_tokenizer
 
     tok_source = o.adapter if o.adapter and (Path(o.adapter) / "tokenizer_config.json").is_file() else o.model
     tokenizer = load_tokenizer(tok_source, trust_remote_code=o.trust_remote_code)
@@ -214,7 +215,7 @@ def run(o: EvalOptions, where=lambda flag: flag) -> dict:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .scoring import Scorer, predict
+    from devops_cli.eval.scoring import Scorer, predict
 
     scorer = Scorer(model, opt_ids)
     batch = None if o.batch_size == "auto" else int(o.batch_size)

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .console import console
+from devops_cli.console import console
 
 
 def convert_command(
@@ -27,7 +27,7 @@ def convert_command(
 
     Weights become safetensors shards, converted one source shard at a time; qwen.tiktoken becomes tokenizer.json with the ChatML template; generation_config keeps the v1 stop tokens. No remote code runs. Every --model command does this by itself, once, into DIR-qwen2 next to DIR.
     """
-    from .convert import convert
+    from devops_cli.convert.qwen_v1 import convert
 
     start = time.perf_counter()
 

@@ -1,4 +1,4 @@
-"""The only torchrun target: `python -m devops_cli.worker OUTPUT_DIR/recipe.yaml`.
+"""The only torchrun target: `python -m devops_cli.train.worker OUTPUT_DIR/recipe.yaml`.
 
 Every rank writes its output to OUTPUT_DIR/logs/rank{RANK}.log; rank 0 also to the terminal.
 Exit codes: 0 done, 2 a problem the user can fix (one line), 130 interrupted, 1 a crash (traceback).
@@ -94,7 +94,7 @@ def disk_full(e: BaseException, output_dir: Path) -> str | None:
         m in str(x) for x in chain for m in ("No space left on device", "unexpected pos", "file write failed"))
     if not full:
         return None
-    from .checks import last_checkpoint
+    from devops_cli.train.checks import last_checkpoint
 
     free = shutil.disk_usage(output_dir).free / 1e6
     done = last_checkpoint(output_dir)
@@ -120,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     log = recipe_path.parent / "logs" / f"rank{rank}.log"
     log_file = tee_output(log, console=rank == 0)
 
-    from .console import fail, quiet_imports
-    from .errors import DevopsError
+    from devops_cli.console import fail, quiet_imports
+    from devops_cli.errors import DevopsError
 
     quiet_imports()
 
     try:
-        from . import recipe, train
+        from devops_cli.train import recipe
+        from devops_cli.train import run as train
 
         train.run(recipe.load(recipe_path))
     except DevopsError as e:

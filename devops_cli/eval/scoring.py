@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import guard
-from .hfcompat import cache_kwarg, output_cache, takes_logits_to_keep
+from devops_cli import guard
+from devops_cli.hfcompat import cache_kwarg, output_cache, takes_logits_to_keep
 
 
 @dataclass

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DevopsError
-from .machine import visible_gpus
-from .recipe import Recipe
+from devops_cli.errors import DevopsError
+from devops_cli.train.machine import visible_gpus
+from devops_cli.train.recipe import Recipe
 
 
 @dataclass
@@ -98,7 +98,7 @@ def torchrun_argv(launch: Launch, recipe_path: Path) -> list[str]:
         "--master-addr", launch.master_addr,
         "--master-port", str(launch.master_port),
         "--monitor-interval", "1",
-        "-m", "devops_cli.worker", str(recipe_path),
+        "-m", "devops_cli.train.worker", str(recipe_path),
     ]  # fmt: skip
 
 
@@ -119,7 +119,7 @@ def run(argv: list[str], log_dir: Path) -> int:
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
-    from .console import fail
+    from devops_cli.console import fail
 
     for name in ("torch.distributed.elastic", "torch.distributed.run"):  # we report failures ourselves
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -149,7 +149,7 @@ def run(argv: list[str], log_dir: Path) -> int:
 
 def env_for_workers() -> None:
     """Settings every worker inherits (set before torchrun spawns them)."""
-    from .worker import LAUNCHER_ENV
+    from devops_cli.train.worker import LAUNCHER_ENV
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -13,7 +13,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import DevopsError
+from devops_cli.errors import DevopsError
 
 REDACTED = "[REDACTED]"
 _HARMLESS = re.compile(r"\d{1,7}|true|false|null|none|yes|no|on|off|bearer|basic|\*+|<.*|\$\{?\w+\}?", re.I)
@@ -141,7 +141,7 @@ def load(path: Path) -> dict:
     generation = state.get("generation") or {}
     if not isinstance(generation, dict):
         raise DevopsError("'generation' must be a mapping of settings", where=str(path))
-    from .chat import SETTINGS, parse_setting
+    from devops_cli.chat.session import SETTINGS, parse_setting
 
     for name, value in generation.items():  # the same rules as /set: a bad value never reaches a turn
         if name in SETTINGS:

@@ -11,9 +11,10 @@ import os
 import time
 from pathlib import Path
 
-from . import data, modeling
-from .console import info
-from .recipe import Recipe
+from devops_cli import modeling
+from devops_cli.console import info
+from devops_cli.train import data
+from devops_cli.train.recipe import Recipe
 
 
 def process_state(r: Recipe, gpu: bool):
@@ -75,7 +76,7 @@ def _mark_checkpoints():
     tell them from checkpoint-* folders a user keeps in output_dir (checks.own_checkpoints)."""
     from transformers import TrainerCallback
 
-    from .checks import CHECKPOINT_MARK
+    from devops_cli.train.checks import CHECKPOINT_MARK
 
     class Mark(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -151,7 +152,7 @@ def run(r: Recipe) -> dict:
     if trainer.is_world_process_zero():
         (Path(r.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
         if r.plot_loss:
-            from .plot import plot_loss
+            from devops_cli.train.plot import plot_loss
 
             plot_loss(trainer.state.log_history, Path(r.output_dir) / "training_loss.png")
     if torch.distributed.is_available() and torch.distributed.is_initialized():

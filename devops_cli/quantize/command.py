@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .recipe import apply_flags, read_command_recipe
+from devops_cli.train.recipe import apply_flags, read_command_recipe
 
 Opt = typer.Option
 
@@ -46,8 +46,8 @@ def quantize_command(
     """GPTQ int4/int8 calibrated on your data, verified before saving: [bold]devops-model quantize -m MODEL -o DIR[/]"""
     from rich.markup import escape
 
-    from . import quantize
-    from .console import console
+    from devops_cli.console import console
+    from devops_cli.quantize import run as quantize
 
     flags = {"model": model, "output": output, "bits": bits, "group_size": group_size, "desc_act": desc_act,
              "calib": calib, "calib_field": calib_field, "calib_samples": calib_samples, "calib_seq_len": calib_seq_len,
@@ -87,7 +87,7 @@ def table(r: dict):
 
 def read_recipe(path: Path) -> tuple[dict, dict]:
     """A quantize recipe: keys are the flags' names (model_name_or_path / output_dir work too)."""
-    from .quantize import QuantizeOptions
+    from devops_cli.quantize.run import QuantizeOptions
 
     types = {"bits": (int,), "group_size": (int,), "calib_samples": (int,), "calib_seq_len": (int,),
              "eval_samples": (int,), "desc_act": (bool,), "overwrite": (bool,), "trust_remote_code": (bool,)}  # fmt: skip

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .hfcompat import cache_kwarg, takes_logits_to_keep
+from devops_cli.hfcompat import cache_kwarg, takes_logits_to_keep
 
 # generate()'s defaults for a setting the model's generation_config leaves unset
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0, "min_new_tokens": 0}
@@ -129,7 +129,7 @@ def self_check(model, input_ids: torch.Tensor, settings: dict, steps: int = 4) -
     """Decode `steps` greedy tokens after `input_ids` with `stream` and with generate (the session's
     repetition penalty; no stop ids, so both run all steps): None when tokens and processed scores
     agree (guard.tolerance), else what differs."""
-    from . import guard
+    from devops_cli import guard
 
     greedy = {**settings, "do_sample": False, "max_new_tokens": steps, "min_new_tokens": 0}
     ours, scores = [], []

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
-from .errors import DevopsError, DevopsErrors
+from devops_cli import __version__
+from devops_cli.errors import DevopsError, DevopsErrors
 
 REQUIRED = "<required>"
 BUNDLED_DATA = "bundled"  # dataset_dir value meaning the sample data shipped in the package

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import dataset_info, records
-from .errors import DevopsError, DevopsErrors
-from .launch import LOCK
-from .outputs import writable_or_raise
-from .recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved
-from .sources import HUB_ID, hub_reachable
-from .weights import check_model_dir
+from devops_cli import dataset_info, records
+from devops_cli.errors import DevopsError, DevopsErrors
+from devops_cli.outputs import writable_or_raise
+from devops_cli.sources import HUB_ID, hub_reachable
+from devops_cli.train.launch import LOCK
+from devops_cli.train.recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved
+from devops_cli.weights import check_model_dir
 
 LORA_MODULES = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -74,7 +74,7 @@ def check(r: Recipe) -> tuple[list[str], Path | None]:
             except DevopsError as e:
                 errors.append(e)
             if model_type == "qwen":  # Qwen v1: the workers load its native Qwen2 conversion (convert.py)
-                from .convert import cache_path
+                from devops_cli.convert.qwen_v1 import cache_path
 
                 model_type = "qwen2"
                 warnings.append(f"'{path}' is a Qwen v1 checkpoint: it is converted once to Qwen2 ({cache_path(path)})")

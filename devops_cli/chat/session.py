@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from .errors import DevopsError
+from devops_cli.errors import DevopsError
 
 # name -> (type, check, what the check means); the only names /set and the options accept
 SETTINGS = {
@@ -410,7 +410,7 @@ class ChatSession:
         while the user types; the first reply waits for it."""
         import torch
 
-        from .decode import self_check
+        from devops_cli.chat.decode import self_check
 
         ids = self.encode(self.messages("Hello"))[1]
         x = torch.tensor([ids], dtype=torch.int64, device=self.model.device)
@@ -418,8 +418,8 @@ class ChatSession:
 
     def _decode_fn(self):
         """The loop that decodes: ours, or generate's when ours failed its self-check (warned once)."""
-        from . import guard
-        from .decode import stream, stream_generate
+        from devops_cli import guard
+        from devops_cli.chat.decode import stream, stream_generate
 
         if self._stream is None:
             why = self._check.result()

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .recipe import apply_flags, read_command_recipe
+from devops_cli.train.recipe import apply_flags, read_command_recipe
 
 Opt = typer.Option
 
@@ -42,8 +42,8 @@ def eval_command(
     overwrite: Annotated[bool, Opt("--overwrite", help="replace an existing --output")] = False,
 ) -> None:
     """The 574-question DevOps exam, 0-5 shots, first-token scoring: [bold]devops-model eval --model PATH --shots 5[/]"""
-    from . import evaluate
-    from .console import console
+    from devops_cli.console import console
+    from devops_cli.eval import run as evaluate
 
     flags = {"model": model, "shots": shots, "data_dir": data_dir, "subjects": subjects, "protocol": protocol,
              "chat": chat, "system": system, "adapter": adapter, "batch_size": batch_size, "dtype": dtype,
@@ -65,10 +65,10 @@ def eval_command(
 
 def default_model(adapter) -> dict:
     """No --model: the adapter's own base, or else the newest finished training run under runs/."""
-    from .console import info
-    from .errors import DevopsError
-    from .modeling import adapter_base
-    from .runs import finished
+    from devops_cli.console import info
+    from devops_cli.errors import DevopsError
+    from devops_cli.modeling import adapter_base
+    from devops_cli.runs import finished
 
     if adapter:
         return {"model": adapter_base(Path(adapter))}
@@ -83,7 +83,7 @@ def default_model(adapter) -> dict:
 
 def read_recipe(path: Path) -> tuple[dict, dict]:
     """An eval recipe: keys are the flags' names (model_name_or_path works for model)."""
-    from .evaluate import EvalOptions
+    from devops_cli.eval.run import EvalOptions
 
     types = {"shots": (int,), "limit": (int, type(None)), "chat": (bool, type(None)), "trust_remote_code": (bool,), "overwrite": (bool,),
              "batch_size": (str, int)}  # fmt: skip

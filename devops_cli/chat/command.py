@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 
-from .console import console, err_console, warn
-from .errors import DevopsError
-from .sources import check_model_arg
+from devops_cli.console import console, err_console, warn
+from devops_cli.errors import DevopsError
+from devops_cli.sources import check_model_arg
 
 _P = "generation (default: the model's generation_config)"
 
@@ -39,7 +39,7 @@ def chat(
 
     [bold]kubectl logs pod | devops-model chat -m MODEL -p "why does it crash?"[/]
     """
-    from .chat import parse_setting
+    from devops_cli.chat.session import parse_setting
 
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                  "repetition_penalty": repetition_penalty}
@@ -59,7 +59,7 @@ def chat(
 
     session = _session(model, adapter, system, overrides, seed, max_window, dtype, device, trust_remote_code)
     if interactive:
-        from .repl import Repl
+        from devops_cli.chat.repl import Repl
 
         raise typer.Exit(Repl(session, stats).run())
     _one_shot(session, prompt, piped, json_output, stats)
@@ -73,8 +73,8 @@ def _session(model, adapter, system, overrides, seed, max_window, dtype, device,
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not the user's
     from transformers.utils import logging as hf_logging
 
-    from .chat import ChatSession, settings_from
-    from .templates import DEFAULT_SYSTEM
+    from devops_cli.chat.session import ChatSession, settings_from
+    from devops_cli.templates import DEFAULT_SYSTEM
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -93,8 +93,8 @@ def _session(model, adapter, system, overrides, seed, max_window, dtype, device,
 
 def load(model: str | None, adapter: Path | None, dtype: str, device: str, trust_remote_code: bool = False):
     """(model on its device in eval mode with the adapter merged, tokenizer with a chat template, name)."""
-    from .modeling import adapter_base, apply_adapter, load_model, load_tokenizer
-    from .templates import CHATML, DEFAULT
+    from devops_cli.modeling import adapter_base, apply_adapter, load_model, load_tokenizer
+    from devops_cli.templates import CHATML, DEFAULT
 
     if adapter is not None:
         if not adapter.is_dir():
@@ -173,8 +173,8 @@ def _one_shot(session, prompt: str | None, piped: str | None, json_output: bool,
 
 
 def _answer(session, prompt: str | None, piped: str | None, json_output: bool, stats: bool) -> None:
-    from . import loginput
-    from .render import ReplyView
+    from devops_cli.chat import loginput
+    from devops_cli.chat.render import ReplyView
 
     message = prompt or ""
     if piped and piped.strip():

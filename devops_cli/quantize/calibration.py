@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DevopsError
+from devops_cli.errors import DevopsError
 
 BUNDLED_CORPUS = ("devops_corpus_en", "devops_corpus_zh")
 FILE_KINDS = (".jsonl", ".json", ".txt")
@@ -33,7 +33,7 @@ class Blocks:
 def open_source(spec: str | None, field: str | None, dataset_dir: str, where: str) -> Source:
     """--calib: None (the bundled DevOps corpus), a .jsonl/.json/.txt file, or dataset names (comma list)
     from dataset_info.json in --dataset-dir. Reads the first record so a wrong field fails here."""
-    from . import dataset_info
+    from devops_cli import dataset_info
 
     if spec is None or spec == "bundled":
         entries = [dataset_info.resolve(n, "bundled", "pt", where) for n in BUNDLED_CORPUS]
@@ -113,8 +113,9 @@ def _json_records(path: Path, text: str):
 
 
 def _registry_source(entries, name: str, where: str) -> Source:
-    from . import data, records
-    from .errors import DevopsErrors
+    from devops_cli import records
+    from devops_cli.errors import DevopsErrors
+    from devops_cli.train import data
 
     problems = [p for e in entries for p in records.problems(e)]
     if problems:

@@ -12,8 +12,8 @@ does). No torch import here.
 
 from __future__ import annotations
 
-from .errors import DevopsError
-from .exam import LETTERS, Question, Subject
+from devops_cli.errors import DevopsError
+from devops_cli.eval.exam import LETTERS, Question, Subject
 
 PROTOCOLS = ("devops-eval", "cmmlu", "ceval", "lm-eval")
 DEVOPS_HEADER = "以下是关于开发运维领域的单项选择题，请选出其中的正确答案。请直接输出选项。\n"

@@ -13,8 +13,8 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
-from .errors import DevopsError
-from .sources import HUB_ID, hub_reachable
+from devops_cli.errors import DevopsError
+from devops_cli.sources import HUB_ID, hub_reachable
 
 # DeepSpeed optimizers whose kernels need CUDA (fused / compressed ones)
 CUDA_OPTIMIZERS = {"onebitadam", "zerooneadam", "onebitlamb", "lamb", "fusedlamb", "fusedadam"}
@@ -59,7 +59,7 @@ def visible_gpus(env=os.environ) -> int:
 
 def problems(r, launch, ds_config: dict | None) -> tuple[list[DevopsError], object]:
     """(what stops this recipe on this machine, the memory plan or None)."""
-    from . import memory
+    from devops_cli.train import memory
 
     gpus = [g for g in gpu_info()]
     errors: list[DevopsError] = []

@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .console import info, warn
-from .errors import DevopsError
-from .outputs import new_output_dir
-from .quantize_data import open_source, token_blocks
-from .sources import check_model_arg
-from .weights import check_adapter_dir, check_model_dir
+from devops_cli.console import info, warn
+from devops_cli.errors import DevopsError
+from devops_cli.outputs import new_output_dir
+from devops_cli.quantize.calibration import open_source, token_blocks
+from devops_cli.sources import check_model_arg
+from devops_cli.weights import check_adapter_dir, check_model_dir
 
 BITS = (4, 8)
 DTYPES = ("float16", "bfloat16")
@@ -104,7 +104,7 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
     missing = import_gptq_quietly()
     import torch
 
-    from .modeling import adapter_base, load_model, load_tokenizer, merge_adapter
+    from devops_cli.modeling import adapter_base, load_model, load_tokenizer, merge_adapter
 
     model_path, adapter = o.model, None
     if (Path(o.model) / "adapter_config.json").is_file():
@@ -268,8 +268,8 @@ def _check_round_trip(quantized, reloaded, dtype) -> float:
     part of optimum's save (the GPTQ v2 -> v1 conversion and the config it records), and a format
     mismatch there (a zero point off by one) gives a model that loads and generates, only worse. Checked
     on one held-out block's logits before anything replaces --output."""
-    from . import guard
-    from .errors import SelfCheckError
+    from devops_cli import guard
+    from devops_cli.errors import SelfCheckError
 
     diff, tol = (quantized - reloaded).abs().max().item(), guard.tolerance(dtype, quantized)
     if not diff <= tol:

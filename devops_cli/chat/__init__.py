@@ -1,0 +1,1 @@
+"""`devops-model chat`: the session, the decode loop, the REPL and its rendering, transcripts."""

@@ -1,0 +1,1 @@
+"""`devops-model quantize`: GPTQ on optimum/gptqmodel, calibrated on the user's data."""

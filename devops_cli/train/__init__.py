@@ -1,0 +1,1 @@
+"""Training: recipe -> checks -> torchrun launch -> worker -> Trainer (pt, sft)."""

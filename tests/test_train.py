@@ -194,7 +194,7 @@ def test_ctrl_c_stops_every_worker(tiny_model, tmp_path):
 
 def test_pt_corpus_smaller_than_one_block_is_one_line(tiny_model, tmp_path):
     r = run_cli("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}",
-                "max_source_length=10000000", "val_size=0", "eval_steps=null")
+                "max_source_length=10000000", "val_size=0", "eval_steps=null", "force=true")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]

@@ -17,9 +17,9 @@ import typer
 from rich.markup import escape
 
 from devops_cli.chat.command import chat
-from devops_cli.console import console, fail, info, quiet_imports, warn
+from devops_cli.console import console, fail, fail_all, info, quiet_imports, warn
 from devops_cli.convert.command import convert_command
-from devops_cli.errors import DevopsError, DevopsErrors
+from devops_cli.errors import DevopsError, DevopsErrors, collect
 from devops_cli.eval.command import eval_command
 from devops_cli.outputs import new_output_dir
 from devops_cli.quantize.command import quantize_command
@@ -49,15 +49,10 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
         overrides.insert(0, str(recipe_path))  # `devops-model sft key=value ...` with no file
         recipe_path = None
     r = recipe.load(recipe_path, overrides, stage=stage)
-    errors, warnings, resume, plan = [], [], None, None
-    try:
-        warnings, resume = checks.check(r)
-    except DevopsErrors as e:
-        errors += e.errors
-    try:
-        plan = launch.plan(r)
-    except DevopsError as e:
-        errors.append(e)
+    errors: list[DevopsError] = []
+    warnings = collect(errors, checks.check, r, default=[])
+    resume = collect(errors, checks.resume_decision, r)
+    plan = collect(errors, launch.plan, r)
     if errors:  # every problem at once, before anything is written
         raise DevopsErrors(errors)
     for w in warnings:
@@ -250,8 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     except DevopsError as e:
         if os.environ.get("DEVOPS_MODEL_DEBUG"):
             raise
-        for line in e.line().splitlines():
-            fail(line)
+        fail_all(e)
         code = e.exit_code
     except KeyboardInterrupt:
         fail("interrupted")

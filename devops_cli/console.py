@@ -31,6 +31,12 @@ def fail(message: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
 
 
+def fail_all(e, prefix: str = "") -> None:
+    """A DevopsError (or DevopsErrors): one red line per problem."""
+    for line in e.line().splitlines():
+        fail(prefix + line)
+
+
 def quiet_imports() -> None:
     """Third-party import-time noise stays out of our output: torchao (installed with the quantize extra)
     reports CUDA kernels it cannot load and torch deprecations on every transformers import."""
@@ -60,3 +66,38 @@ def import_quietly(module: str) -> bool:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             importlib.import_module(module)
     return True
+
+
+def import_gptq_quietly() -> str | None:
+    """Import gptqmodel + optimum (returns the name of a missing one). They print a banner and INFO lines
+    at import and while packing; keep the tool's output ours (DEVOPS_MODEL_DEBUG=1 shows everything)."""
+    import contextlib
+    import io
+    import logging
+    import sys
+    import warnings
+
+    debug = bool(os.environ.get("DEVOPS_MODEL_DEBUG"))
+    if not debug:  # their own deprecation notices, not the user's business (other libraries' still show)
+        for module in ("gptqmodel", "optimum", "logbar", "device_smi", "defuser"):
+            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+            warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    missing = None
+    with contextlib.redirect_stdout(io.StringIO() if not debug else sys.stdout), \
+            contextlib.redirect_stderr(io.StringIO() if not debug else sys.stderr):
+        try:
+            import gptqmodel  # noqa: F401
+            import optimum.gptq  # noqa: F401
+        except ImportError as e:
+            missing = e.name or "gptqmodel"
+    if debug:
+        return missing
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    for name in ("logbar", "optimum"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # deepspeed (pulled in by transformers while saving) resets its logger's level on import; a filter stays
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+    return missing

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devops_cli.errors import DevopsError
+from devops_cli.errors import DevopsError, did_you_mean
 
 BUNDLED_DIR = Path(__file__).parent / "assets" / "data"
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
@@ -76,10 +76,7 @@ def resolve(name: str, dataset_dir: str, stage: str, where: str) -> DatasetEntry
     """Look up one dataset name and check its entry (files exist, stage matches)."""
     info, registry = read_registry(dataset_dir, where)
     if name not in registry:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(registry), n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'?" if close else f"defined: {', '.join(sorted(registry)) or 'none'}"
+        hint = did_you_mean(name, registry) or f"defined: {', '.join(sorted(registry)) or 'none'}"
         raise DevopsError(f"dataset '{name}' is not defined in {info}", where, hint)
     raw = registry[name]
     loc = f"{info} (dataset '{name}')"

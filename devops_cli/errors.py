@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 
 class DevopsError(Exception):
     """A problem with the user's input: what is wrong, where, and how to fix it."""
@@ -33,3 +35,25 @@ class SelfCheckError(DevopsError):
     differently, not the user's input): one line, exit code 1, nothing written."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first non-empty line, or its type's name when its message is empty."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def did_you_mean(word: str, options, quote: str = "'") -> str | None:
+    """'did you mean 'x'?' for the closest of `options` (difflib, cutoff 0.6), or None."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"did you mean {quote}{close[0]}{quote}?" if close else None
+
+
+def collect(errors: list, fn, *args, default=None):
+    """fn(*args), with its DevopsError(s) added to `errors` instead of raised (every problem at once)."""
+    try:
+        return fn(*args)
+    except DevopsErrors as e:
+        errors += e.errors
+    except DevopsError as e:
+        errors.append(e)
+    return default

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from devops_cli.console import import_quietly
+from devops_cli.console import import_gptq_quietly, import_quietly
 from devops_cli.convert.qwen_v1 import resolve_model, watch_seq_length
-from devops_cli.errors import DevopsError
-from devops_cli.templates import CHATML, DEFAULT
+from devops_cli.errors import DevopsError, first_line
+from devops_cli.templates import CHATML, DEFAULT, has_chatml_tokens
 from devops_cli.weights import check_adapter_dir, check_model_dir
 
 
@@ -19,22 +19,67 @@ def load_tokenizer(name: str, template: str | None = None, trust_remote_code: bo
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise DevopsError(f"cannot load the tokenizer of '{name}': {str(e).splitlines()[0]}") from None
+        raise DevopsError(f"cannot load the tokenizer of '{name}': {first_line(e)}") from None
     if tok.eos_token is None:
         raise DevopsError(f"the tokenizer of '{name}' has no eos_token", hint="set eos_token in its tokenizer_config.json")
     if tok.pad_token is None:  # Qwen tokenizers often ship without one
         tok.pad_token = tok.eos_token
     if template == "chatml":
-        vocab = tok.get_vocab()
-        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in vocab]
-        if missing:
-            raise DevopsError(f"the tokenizer of '{name}' has no {' / '.join(missing)} token, so it cannot use ChatML",
+        if not has_chatml_tokens(tok):
+            raise DevopsError(f"the tokenizer of '{name}' has no <|im_start|> / <|im_end|> tokens, so it cannot use ChatML",
                               hint="use template: default")
         if not tok.chat_template or "<|im_start|>" not in str(tok.chat_template):
             tok.chat_template = CHATML
     elif template == "default":
         tok.chat_template = DEFAULT
     return tok
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16",
+          "fp16": "float16"}  # fmt: skip
+
+
+def resolve_device(name: str, where: str = "--device"):
+    """auto: cuda, else mps, else cpu; or the device named, checked to exist here."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DevopsError(f"unknown device '{name}'", where, "auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DevopsError(f"{name}: CUDA is not available here", where, "use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DevopsError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s)", where)
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DevopsError(f"{name}: MPS is not available here", where, "use cpu or auto")
+    return dev
+
+
+def resolve_dtype(name: str, device, where: str = "--dtype"):
+    """auto: bfloat16 on a CUDA GPU that has it (else float16), float16 on mps, float32 on cpu."""
+    import torch
+
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if name not in DTYPES:
+        raise DevopsError(f"unknown dtype '{name}'", where, "auto, float32, bfloat16 or float16")
+    return getattr(torch, DTYPES[name])
+
+
+def tokenizer_source(model: str, adapter: str | Path | None) -> str:
+    """Where the tokenizer of model + adapter comes from: the adapter's own when it saved one (sft does),
+    else the base model's."""
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        return str(adapter)
+    return model
 
 
 def torch_dtype(bf16: bool, fp16: bool, trainable_base: bool, deepspeed: bool):
@@ -55,18 +100,14 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
         check_model_dir(Path(name))  # a damaged file is one line naming it, not a loader traceback
     config = Path(name) / "config.json"
     if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
-        from devops_cli.quantize.run import (
-            import_gptq_quietly,  # a GPTQ checkpoint: no library banners in chat/eval
-        )
-
-        import_gptq_quietly()
+        import_gptq_quietly()  # a GPTQ checkpoint: no library banners in chat/eval
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
-        raise DevopsError(f"cannot load model '{name}': {str(e).splitlines()[0]}") from None
+        raise DevopsError(f"cannot load model '{name}': {first_line(e)}") from None
     watch_seq_length(model)  # warns once when a window passes a converted Qwen v1 model's seq_length
     return model
 
@@ -83,7 +124,7 @@ def add_lora(model, rank: int, alpha: float, dropout: float, target: str, gradie
     try:
         return get_peft_model(model, config)
     except ValueError as e:
-        raise DevopsError(f"lora_target '{target}': {str(e).splitlines()[0]}", hint="use lora_target: all") from None
+        raise DevopsError(f"lora_target '{target}': {first_line(e)}", hint="use lora_target: all") from None
 
 
 def adapter_base(adapter_dir: Path) -> str:
@@ -121,6 +162,5 @@ def merge_adapter(adapter_dir: Path, output: Path, base: str | None = None, trus
     base = base or adapter_base(adapter_dir)
     merged = apply_adapter(load_model(base, torch.float32, trust_remote_code), adapter_dir, base)
     merged.save_pretrained(output)
-    tok_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
-    load_tokenizer(str(tok_dir), trust_remote_code=trust_remote_code).save_pretrained(output)
+    load_tokenizer(tokenizer_source(base, adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(output)
     return output

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from devops_cli.dataset_info import DatasetEntry
-from devops_cli.errors import DevopsError
+from devops_cli.errors import DevopsError, first_line
 
 MAX_PER_FILE = 3
 
@@ -62,7 +62,10 @@ def _file_problems(entry: DatasetEntry, path: Path):
         yield str(path), f"not UTF-8 text (byte {e.start} of a line cannot be decoded: a binary file?)"
 
 
-def _json(entry: DatasetEntry, path: Path):
+def json_records(path: Path):
+    """(where, record, problem) for every record of a JSON-lines file (streamed) or a JSON array file
+    (parsed whole): problem is None, or why the record (then None) could not be read. The one JSON
+    reader of data files (training data and quantize's calibration files)."""
     with open(path, encoding="utf-8") as f:
         head = f.read(1)
         while head and head.isspace():
@@ -72,28 +75,27 @@ def _json(entry: DatasetEntry, path: Path):
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:
-                yield f"{path}:{e.lineno}", f"invalid JSON: {e.msg}"
+                yield f"{path}:{e.lineno}", None, f"invalid JSON: {e.msg}"
                 return
-            if not records:
-                yield str(path), "no records"
-            for i, record in enumerate(records, 1):
-                for message in record_problems(entry, record):
-                    yield f"{path} (record {i})", message
+            for i, record in enumerate(records if isinstance(records, list) else [records], 1):
+                yield f"{path} (record {i})", record, None
             return
-        seen = False
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            seen = True
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{n}", f"invalid JSON line: {e.msg} (column {e.colno}) — one JSON object per line"
-                continue
-            for message in record_problems(entry, record):
-                yield f"{path}:{n}", message
-        if not seen:
-            yield str(path), "no records"
+            if line.strip():
+                try:
+                    yield f"{path}:{n}", json.loads(line), None
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{n}", None, f"invalid JSON line: {e.msg} (column {e.colno}) — one JSON object per line"
+
+
+def _json(entry: DatasetEntry, path: Path):
+    seen = False
+    for where, record, problem in json_records(path):
+        seen = True
+        for message in [problem] if problem else record_problems(entry, record):
+            yield where, message
+    if not seen:
+        yield str(path), "no records"
 
 
 def _csv(entry: DatasetEntry, path: Path):
@@ -116,7 +118,7 @@ def _parquet(entry: DatasetEntry, path: Path):
     try:
         schema = pq.read_schema(path)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
-        yield str(path), f"not a readable parquet file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        yield str(path), f"not a readable parquet file: {first_line(e)}"
         return
     for role in _needed(entry):
         if entry.columns[role] not in schema.names:

@@ -25,3 +25,9 @@ DEFAULT = (
 )
 
 END_OF_TURN = {"chatml": "<|im_end|>", "default": None}  # None: the tokenizer's eos_token
+
+
+def has_chatml_tokens(tokenizer) -> bool:
+    """The tokenizer has Qwen's ChatML markers as tokens (so a ChatML prompt encodes as Qwen trained it)."""
+    vocab = tokenizer.get_vocab()
+    return "<|im_start|>" in vocab and "<|im_end|>" in vocab

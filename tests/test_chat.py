@@ -258,7 +258,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_model, tmp_path):
     one_line_error(chat("--prompt", "hi"), "no model given")
     one_line_error(chat("--model", str(tiny_model), "--prompt", "hi", "--temperature", "-1"), "temperature must be")
     one_line_error(chat("--model", str(tiny_model), "--prompt", "hi", "--device", "cuda:7"), "--device")
-    one_line_error(chat("--model", str(tiny_model), "--prompt", "hi", "--dtype", "int3"), "unknown --dtype")
+    one_line_error(chat("--model", str(tiny_model), "--prompt", "hi", "--dtype", "int3"), "--dtype: unknown dtype 'int3'")
     one_line_error(chat("--model", str(tiny_model), "--prompt", "x " * 400, "--max-window", "64"),
                    "prompt tokens but the window is 64")
 

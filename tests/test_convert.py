@@ -272,7 +272,7 @@ def test_recipe_check_accepts_a_v1_directory(small_v1, data_dir, tmp_path):
     from devops_cli.train import checks, recipe
 
     base = [f"model_name_or_path={small_v1}", f"dataset_dir={data_dir}", "dataset=qa", f"output_dir={tmp_path / 'o'}"]
-    warnings, _ = checks.check(recipe.load(None, base, stage="sft"))
+    warnings = checks.check(recipe.load(None, base, stage="sft"))
     assert any("Qwen v1 checkpoint" in w and "qwen2" in w for w in warnings)
     with pytest.raises(DevopsErrors, match="lora_target 'c_attn' is not a linear layer of a qwen2 model"):
         checks.check(recipe.load(None, [*base, "finetuning_type=lora", "lora_target=c_attn"], stage="sft"))

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from devops_cli.errors import DevopsError, DevopsErrors
+from devops_cli.errors import DevopsError
 from devops_cli.train import checks, recipe
 
 # training recipes (eval.yaml and other commands' recipes are checked by those commands' tests)
@@ -32,7 +32,7 @@ def test_every_shipped_recipe_loads_and_validates(path, tiny_model, tmp_path):
     if path.name.startswith("tiny"):  # the tiny recipes point at runs/ made by `make demo`
         overrides.append(f"model_name_or_path={tiny_model}")
     r = recipe.load(path, overrides)
-    warnings, resume = checks.check(r)
+    warnings, resume = checks.check(r), checks.resume_decision(r)
     assert resume is None
     assert all("hub" in w for w in warnings)
 
@@ -207,20 +207,20 @@ def test_output_dir_of_another_run_is_refused_and_a_rerun_resumes(tmp_path, data
     (out / "checkpoint-5").mkdir()  # incomplete: no trainer_state.json
     # same recipe (launch keys and max_steps may change): resume from the last complete checkpoint
     same = recipe.load(_recipe(tmp_path, data_dir, model_dir, max_steps=50, nproc_per_node=2))
-    assert checks.check(same)[1] == out / "checkpoint-3"
+    assert checks.resume_decision(same) == out / "checkpoint-3"
     other = recipe.load(_recipe(tmp_path, data_dir, model_dir, learning_rate=1e-3))
-    with pytest.raises(DevopsErrors, match="holds another run .*learning_rate"):
-        checks.check(other)
+    with pytest.raises(DevopsError, match="holds another run .*learning_rate"):
+        checks.resume_decision(other)
     fresh = recipe.load(_recipe(tmp_path, data_dir, model_dir, learning_rate=1e-3, overwrite_output_dir=True))
-    assert checks.check(fresh)[1] is None
+    assert checks.resume_decision(fresh) is None
     (out / "recipe.yaml").unlink()
-    with pytest.raises(DevopsErrors, match="not made by devops-model"):
-        checks.check(same)
+    with pytest.raises(DevopsError, match="not made by devops-model"):
+        checks.resume_decision(same)
 
 
 def test_dataset_sha1_mismatch_warns(tmp_path, data_dir, model_dir):
     _edit_data(data_dir, "qa", {"file_name": "qa.jsonl", "file_sha1": "0" * 40})
-    warnings, _ = checks.check(recipe.load(_recipe(tmp_path, data_dir, model_dir)))
+    warnings = checks.check(recipe.load(_recipe(tmp_path, data_dir, model_dir)))
     assert any("file_sha1" in w for w in warnings)
 
 

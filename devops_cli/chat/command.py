@@ -93,8 +93,16 @@ def _session(model, adapter, system, overrides, seed, max_window, dtype, device,
 
 def load(model: str | None, adapter: Path | None, dtype: str, device: str, trust_remote_code: bool = False):
     """(model on its device in eval mode with the adapter merged, tokenizer with a chat template, name)."""
-    from devops_cli.modeling import adapter_base, apply_adapter, load_model, load_tokenizer
-    from devops_cli.templates import CHATML, DEFAULT
+    from devops_cli.modeling import (
+        adapter_base,
+        apply_adapter,
+        load_model,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+        tokenizer_source,
+    )
+    from devops_cli.templates import CHATML, DEFAULT, has_chatml_tokens
 
     if adapter is not None:
         if not adapter.is_dir():
@@ -105,15 +113,11 @@ def load(model: str | None, adapter: Path | None, dtype: str, device: str, trust
     else:
         raise DevopsError("no model given", hint="pass --model PATH_OR_HUB_ID (or --adapter LORA_DIR)")
     check_model_arg(base)
-    import torch
-
-    dev = _device(device, torch)
-    torch_dtype = _dtype(dtype, dev, torch)
-    tok_source = str(adapter) if adapter is not None and (adapter / "tokenizer_config.json").is_file() else base
-    tok = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tok = load_tokenizer(tokenizer_source(base, adapter), trust_remote_code=trust_remote_code)
     if not tok.chat_template:
-        vocab = tok.get_vocab()
-        if "<|im_start|>" in vocab and "<|im_end|>" in vocab:
+        if has_chatml_tokens(tok):
             tok.chat_template = CHATML
         else:
             tok.chat_template = DEFAULT
@@ -123,35 +127,6 @@ def load(model: str | None, adapter: Path | None, dtype: str, device: str, trust
         loaded = apply_adapter(loaded, adapter, base)
     return loaded.to(dev).eval(), tok, base
 
-
-
-def _device(device: str, torch):
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DevopsError(f"unknown --device '{device}'", hint="auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DevopsError("--device cuda, but CUDA is not available here", hint="use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DevopsError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
-def _dtype(dtype: str, dev, torch):
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype == "auto":
-        if dev.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if dev.type == "mps" else torch.float32
-    if dtype not in names:
-        raise DevopsError(f"unknown --dtype '{dtype}'", hint="auto, float32, bfloat16 or float16")
-    return names[dtype]
 
 
 class _nothing:

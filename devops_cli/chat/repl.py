@@ -8,7 +8,6 @@ file) print one red line and the session goes on.
 
 from __future__ import annotations
 
-import difflib
 import os
 import signal
 import sys
@@ -19,8 +18,8 @@ from rich.markup import escape
 from devops_cli.chat import transcript
 from devops_cli.chat.render import ReplyView
 from devops_cli.chat.session import SETTINGS, ChatSession
-from devops_cli.console import console, fail, warn
-from devops_cli.errors import DevopsError
+from devops_cli.console import console, fail, fail_all, warn
+from devops_cli.errors import DevopsError, did_you_mean
 
 HELP = [
     ("/help", "this list"),
@@ -93,8 +92,7 @@ class Repl:
                 if self.dispatch(line) == "exit":
                     return 0
             except DevopsError as e:
-                for text in e.line().splitlines():
-                    fail(text)
+                fail_all(e)
             except KeyboardInterrupt:
                 console.print("[dim]interrupted[/]")
             except Exception as e:  # keep the session: the conversation is worth more than one failure
@@ -129,8 +127,8 @@ class Repl:
             return None
         name, arg = word[1:].lower(), arg.strip()
         if name not in COMMANDS:
-            close = difflib.get_close_matches(name, COMMANDS, n=1)
-            raise DevopsError(f"unknown command {word}", hint=f"did you mean /{close[0]}?" if close else "type /help")
+            hint = did_you_mean(name, COMMANDS, quote="")
+            raise DevopsError(f"unknown command {word}", hint=hint.replace("mean ", "mean /") if hint else "type /help")
         if name in ("exit", "quit", "bye"):
             return "exit"
         getattr(self, f"cmd_{name}")(arg)

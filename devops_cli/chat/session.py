@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from devops_cli.errors import DevopsError
+from devops_cli.errors import DevopsError, did_you_mean, first_line
 
 # name -> (type, check, what the check means); the only names /set and the options accept
 SETTINGS = {
@@ -37,11 +37,8 @@ _FROM_CONFIG = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalt
 def parse_setting(name: str, text: str):
     """'0.7' -> 0.7 for temperature, 'off' -> False for do_sample; DevopsError with the rule otherwise."""
     if name not in SETTINGS:
-        import difflib
-
-        close = difflib.get_close_matches(name, [*SETTINGS, "seed", "max_window"], n=1)
-        raise DevopsError(f"unknown setting '{name}'", hint=f"did you mean {close[0]}?" if close else
-                          f"one of: {', '.join([*SETTINGS, 'seed', 'max_window'])}")
+        names = [*SETTINGS, "seed", "max_window"]
+        raise DevopsError(f"unknown setting '{name}'", hint=did_you_mean(name, names, quote="") or f"one of: {', '.join(names)}")
     kind, check, rule = SETTINGS[name]
     try:
         if kind is bool:
@@ -239,7 +236,7 @@ class ChatSession:
                     rendered = (tuple(parts), rendered)
             except Exception as e:  # jinja errors of a model's own template
                 raise DevopsError(
-                    f"the chat template of '{self.model_name}' failed: {str(e).splitlines()[0]}") from None
+                    f"the chat template of '{self.model_name}' failed: {first_line(e)}") from None
             if len(self._skeletons) > 64:
                 self._skeletons.clear()
             skeleton = self._skeletons[key] = rendered
@@ -248,7 +245,7 @@ class ChatSession:
                 text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except Exception as e:
                 raise DevopsError(
-                    f"the chat template of '{self.model_name}' failed: {str(e).splitlines()[0]}") from None
+                    f"the chat template of '{self.model_name}' failed: {first_line(e)}") from None
             return text, tok(text, add_special_tokens=False).input_ids
         befores, rest = skeleton
         old, cache = self._ids_cache, {}
@@ -396,7 +393,7 @@ class ChatSession:
         seconds = time.perf_counter() - start
         if failure and not isinstance(failure[0], KeyboardInterrupt):
             e = failure[0]
-            raise DevopsError(f"generation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise DevopsError(f"generation failed: {type(e).__name__}: {first_line(e)}")
         completion = [i for i in out if i not in self.stop_ids]
         text = self._decode(completion)
         if on_text is not None and text != shown and text.startswith(shown) and not stopped:

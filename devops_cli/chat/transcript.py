@@ -13,7 +13,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from devops_cli.errors import DevopsError
+from devops_cli.errors import DevopsError, first_line
 
 REDACTED = "[REDACTED]"
 _HARMLESS = re.compile(r"\d{1,7}|true|false|null|none|yes|no|on|off|bearer|basic|\*+|<.*|\$\{?\w+\}?", re.I)
@@ -133,7 +133,7 @@ def load(path: Path) -> dict:
     try:
         state = json.loads(text) if path.suffix.lower() == ".json" else from_markdown(text, str(path))
     except (json.JSONDecodeError, ValueError) as e:
-        raise DevopsError(f"not a valid transcript: {str(e).splitlines()[0]}", where=str(path)) from None
+        raise DevopsError(f"not a valid transcript: {first_line(e)}", where=str(path)) from None
     if not isinstance(state, dict) or not isinstance(state.get("turns"), list) or not all(
             isinstance(t, dict) and isinstance(t.get("user"), str) and isinstance(t.get("assistant"), str)
             for t in state["turns"]):

@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from devops_cli.console import err_console, is_rank0, warn
 from devops_cli.convert.tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
-from devops_cli.errors import DevopsError
+from devops_cli.errors import DevopsError, first_line
 from devops_cli.hfcompat import NEW, OLD
 from devops_cli.outputs import new_output_dir
 from devops_cli.sources import HUB_ID
@@ -164,7 +164,7 @@ class Shard:
                     self.sd = torch.load(path, map_location="cpu", weights_only=True)
                 self.st, self.names = None, list(self.sd)
         except Exception as e:  # truncated/corrupt files, or a pickle that is not plain tensors
-            raise DevopsError(f"cannot read weights {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            raise DevopsError(f"cannot read weights {path}: {first_line(e)}",
                               hint="it is truncated, corrupt or holds more than tensors; download it again") from None
 
     def meta(self, name: str):
@@ -184,7 +184,7 @@ class Shard:
                 return t if rows is None else t[rows[0]:rows[1]]
             return self.st.get_tensor(name) if rows is None else self.st.get_slice(name)[rows[0]:rows[1]]
         except Exception as e:
-            raise DevopsError(f"cannot read tensor {name} from {self.path}: {str(e).splitlines()[0]}",
+            raise DevopsError(f"cannot read tensor {name} from {self.path}: {first_line(e)}",
                               hint="the file is truncated or corrupt; download it again") from None
 
 

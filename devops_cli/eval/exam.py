@@ -13,12 +13,11 @@ No torch import here.
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devops_cli.errors import DevopsError
+from devops_cli.errors import DevopsError, did_you_mean, first_line
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -96,8 +95,7 @@ def select(names: str | None, available: list[str]) -> list[str]:
     chosen = [n.strip() for n in names.split(",") if n.strip()]
     for n in chosen:
         if n not in available:
-            close = difflib.get_close_matches(n, available, n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else f"choose from {', '.join(available)} or 'all'"
+            hint = did_you_mean(n, available) or f"choose from {', '.join(available)} or 'all'"
             raise DevopsError(f"--subjects: no subject '{n}'", hint=hint)
     return list(dict.fromkeys(chosen))
 
@@ -185,7 +183,7 @@ def load_hub(subjects: str | None, shots: int) -> list[Subject]:
             try:
                 rows = load_dataset(HUB[layout], name, split=split)
             except Exception as e:  # network, auth, missing config: one line, not a traceback
-                raise DevopsError(f"cannot load {HUB[layout]} ({name}, {split}): {str(e).splitlines()[0]}",
+                raise DevopsError(f"cannot load {HUB[layout]} ({name}, {split}): {first_line(e)}",
                                   hint="pass --data-dir with the CSV files (see ../shared/data/devops-exam)") from None
             q_col, a_col = ("Question", "Answer") if layout == "cmmlu" else ("question", "answer")
             for i, r in enumerate(rows):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from devops_cli.errors import DevopsError
 from devops_cli.eval.exam import LETTERS, Question, Subject
+from devops_cli.templates import has_chatml_tokens
 
 PROTOCOLS = ("devops-eval", "cmmlu", "ceval", "lm-eval")
 DEVOPS_HEADER = "以下是关于开发运维领域的单项选择题，请选出其中的正确答案。请直接输出选项。\n"
@@ -90,9 +91,7 @@ def add_special(protocol: str) -> bool:
     return protocol != "lm-eval"
 
 
-def is_chatml(tokenizer) -> bool:
-    vocab = tokenizer.get_vocab()
-    return "<|im_start|>" in vocab and "<|im_end|>" in vocab
+is_chatml = has_chatml_tokens
 
 
 def encode_chat(tokenizer, system: str, user: str) -> list[int]:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from devops_cli import __version__
 from devops_cli.console import console, info
-from devops_cli.errors import DevopsError
+from devops_cli.errors import DevopsError, first_line
 from devops_cli.eval import prompts
 from devops_cli.eval.exam import LETTERS, Subject, load_hub, load_local
 from devops_cli.sources import check_model_arg, hub_reachable
+from devops_cli.train.recipe import is_resolved, read_resolved
 from devops_cli.weights import check_adapter_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -114,7 +115,7 @@ def chat_default(tokenizer, o: EvalOptions) -> tuple[bool, str]:
         if re.search(r"chat|instruct", Path(source).name, re.IGNORECASE):
             return True, f"'{Path(source).name}' names a chat model"
         recipe = Path(source) / "recipe.yaml"
-        if recipe.is_file() and re.search(r"^stage:\s*sft\b", recipe.read_text(encoding="utf-8"), re.MULTILINE):
+        if is_resolved(recipe) and read_resolved(recipe).get("stage") == "sft":
             return True, f"{recipe} says stage: sft"
     return False, "base model: no chat/instruct in its name, not an sft output"
 
@@ -166,27 +167,18 @@ def check_lm_eval_split(tokenizer, ids: list[list[int]], records: list[dict], op
 
 
 def load_scoring_model(o: EvalOptions):
-    import torch
+    from devops_cli.modeling import apply_adapter, load_model, resolve_device, resolve_dtype
 
-    from devops_cli.modeling import apply_adapter, load_model
-
-    device = o.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = o.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise DevopsError(f"'{device}' is not a device", "--device", "use cpu, cuda, cuda:1 or auto") from None
-    model = load_model(o.model, getattr(torch, dtype), o.trust_remote_code)
+    dev = resolve_device(o.device)
+    torch_dtype = resolve_dtype(o.dtype, dev)
+    device, dtype = str(dev), str(torch_dtype).removeprefix("torch.")
+    model = load_model(o.model, torch_dtype, o.trust_remote_code)
     if o.adapter:
         model = apply_adapter(model, o.adapter, o.model)
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as e:
-        raise DevopsError(f"cannot use device '{device}': {str(e).splitlines()[0]}", "--device") from None
+        raise DevopsError(f"cannot use device '{device}': {first_line(e)}", "--device") from None
     return model.eval(), device, dtype
 
 
@@ -196,9 +188,9 @@ def run(o: EvalOptions, where=lambda flag: flag) -> dict:
     o.data_dir = exam_dir(o)
     subjects = load_exam(o)
     check_files(o, where)
-    from devops_cli.modeling import load_tokenizer
+    from devops_cli.modeling import load_tokenizer, tokenizer_source
 
-    tok_source = o.adapter if o.adapter and (Path(o.adapter) / "tokenizer_config.json").is_file() else o.model
+    tok_source = tokenizer_source(o.model, o.adapter)
     tokenizer = load_tokenizer(tok_source, trust_remote_code=o.trust_remote_code)
     chat, why = chat_default(tokenizer, o)
     option_strings = prompts.option_strings(o.protocol, chat)

@@ -4,7 +4,6 @@ cut into token blocks for GPTQ with evenly spaced blocks held out for perplexity
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +68,7 @@ def _file_source(path: Path, field: str | None, where: str) -> Source:
         raise DevopsError(f"calibration file '{path}' is empty", where, "add text (jsonl: one {\"text\": ...} per line)")
     if path.suffix == ".txt":
         return Source(str(path), str(path), lambda: iter([(text, str(path))]), lambda t, w, tok: t)
-    records = _json_records(path, text)
+    records = _json_records(path)
     first, first_where = next(records)
     field = field or next((f for f in ("text", "messages", "instruction") if f in first), None)
     if field is None or field not in first:
@@ -89,27 +88,19 @@ def _file_source(path: Path, field: str | None, where: str) -> Source:
             raise DevopsError(f"field '{field}' is not a string", w, FIELD_HINT)
         return record[field]
 
-    return Source(str(path), str(path), lambda: _json_records(path, text), to_text)
+    return Source(str(path), str(path), lambda: _json_records(path), to_text)
 
 
-def _json_records(path: Path, text: str):
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DevopsError(f"invalid JSON: {e.msg}", f"{path}:{e.lineno}", "fix the syntax") from None
-        numbered = ((r, f"{path} (record {i})") for i, r in enumerate(items))
-    else:
-        numbered = ((line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1) if line.strip())
-    for record, w in numbered:
-        if isinstance(record, str):
-            try:
-                record = json.loads(record)
-            except json.JSONDecodeError as e:
-                raise DevopsError(f"invalid JSON line: {e.msg}", w, "one JSON object per line") from None
+def _json_records(path: Path):
+    """(record, where) of a .jsonl/.json calibration file; the first unreadable record stops with one line."""
+    from devops_cli.records import json_records
+
+    for where, record, problem in json_records(path):
+        if problem:
+            raise DevopsError(problem, where)
         if not isinstance(record, dict):
-            raise DevopsError("a calibration record must be a JSON object", w, FIELD_HINT)
-        yield record, w
+            raise DevopsError("a calibration record must be a JSON object", where, FIELD_HINT)
+        yield record, where
 
 
 def _registry_source(entries, name: str, where: str) -> Source:
@@ -124,7 +115,7 @@ def _registry_source(entries, name: str, where: str) -> Source:
     def one(e):
         if e.files and e.loader == "json":
             for f in e.files:
-                yield from ((r, w, e) for r, w in _json_records(f, f.read_text(encoding="utf-8")))
+                yield from ((r, w, e) for r, w in _json_records(f))
         else:  # csv, parquet, text, or a hub dataset the user named
             for i, r in enumerate(data.load_raw(e, None)):
                 yield r, f"{e.where} (row {i})", e
@@ -144,7 +135,7 @@ def _registry_source(entries, name: str, where: str) -> Source:
         if entry.formatting == "pt":
             return record.get(entry.columns["prompt"]) or ""
         batch = {k: [v] for k, v in record.items()}
-        return _render(data._to_messages(entry)(batch, [0])["messages"][0], tok)
+        return _render(data.to_messages(entry)(batch, [0])["messages"][0], tok)
 
     return Source(name, where, lambda: (((r, e), w) for r, w, e in records()), to_text)
 

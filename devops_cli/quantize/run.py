@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from devops_cli.console import info, warn
+from devops_cli.console import import_gptq_quietly, info, warn
 from devops_cli.errors import DevopsError
 from devops_cli.outputs import new_output_dir
 from devops_cli.quantize.calibration import open_source, token_blocks
@@ -104,14 +103,13 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
     missing = import_gptq_quietly()
     import torch
 
-    from devops_cli.modeling import adapter_base, load_model, load_tokenizer, merge_adapter
+    from devops_cli.modeling import adapter_base, load_model, load_tokenizer, merge_adapter, tokenizer_source
 
     model_path, adapter = o.model, None
     if (Path(o.model) / "adapter_config.json").is_file():
         adapter = Path(o.model)
         model_path = adapter_base(adapter)
-    has_tokenizer = adapter is not None and (adapter / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(adapter) if has_tokenizer else model_path, trust_remote_code=o.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapter), trust_remote_code=o.trust_remote_code)
     blocks = token_blocks(source, tokenizer, o.calib_seq_len, o.calib_samples, o.eval_samples)
     if missing:  # after the checks of the user's data, so those come first
         raise DevopsError(f"GPTQ needs gptqmodel and optimum ({missing} is missing)",
@@ -121,7 +119,7 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
              f"(asked for {o.calib_samples}); using them all")
     info(f"calibration: {len(blocks.calib)} samples x {o.calib_seq_len} tokens from {source.name}; "
          f"{len(blocks.held)} blocks held out for perplexity")
-    device = _device(o.device, torch)
+    device = _device(o.device)
     dtype = getattr(torch, o.dtype)
     if adapter is not None:
         info(f"merging LoRA adapter {adapter} into {model_path} …")
@@ -356,48 +354,17 @@ def _block_progress(optimum_quantizer, n_blocks: int, device):
 # ----------------------------------------------------------------------------------------------
 # Environment, sizes, files
 # ----------------------------------------------------------------------------------------------
-def _device(name: str, torch):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DevopsError(f"--device {name}, but torch sees no CUDA GPU", hint="use --device cpu or auto")
-    if name == "cpu":
+def _device(name: str):
+    """modeling.resolve_device (GPTQ runs on cuda or cpu), with gptqmodel's CPU pool sized."""
+    from devops_cli.modeling import resolve_device
+
+    device = resolve_device(name)
+    if device.type == "mps":
+        device = resolve_device("cpu")  # gptqmodel has no MPS kernels
+    if device.type == "cpu":
         # gptqmodel sizes its CPU worker pool from this; on a 2-core machine it fails without it
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 2)))
-    return torch.device(name)
-
-
-def import_gptq_quietly() -> str | None:
-    """Import gptqmodel + optimum (returns the name of a missing one). They print a banner and INFO lines
-    at import and while packing; keep the tool's output ours (DEVOPS_MODEL_DEBUG=1 shows everything)."""
-    import contextlib
-    import io
-    import logging
-    import warnings
-
-    debug = bool(os.environ.get("DEVOPS_MODEL_DEBUG"))
-    if not debug:
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-    missing = None
-    with contextlib.redirect_stdout(io.StringIO() if not debug else sys.stdout), \
-            contextlib.redirect_stderr(io.StringIO() if not debug else sys.stderr):
-        try:
-            import gptqmodel  # noqa: F401
-            import optimum.gptq  # noqa: F401
-        except ImportError as e:
-            missing = e.name or "gptqmodel"
-    if debug:
-        return missing
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    for name in ("logbar", "optimum"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # deepspeed (pulled in by transformers while saving) resets its logger's level on import; a filter stays
-    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
-    return missing
+    return device
 
 
 def _fp16_bytes(linear) -> int:

@@ -53,51 +53,63 @@ def own_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
     return ours, others
 
 
-def check(r: Recipe) -> tuple[list[str], Path | None]:
+def check(r: Recipe) -> list[str]:
+    """Everything about the recipe's model, data, DeepSpeed config and output_dir that can be wrong,
+    all at once (DevopsErrors); returns the warnings. What a rerun resumes from: resume_decision."""
     errors: list[DevopsError] = []
     warnings: list[str] = []
+    model_type = _model_problems(r, errors, warnings)
+    if r.finetuning_type == "lora" and r.lora_target != "all" and model_type in LORA_MODULES:
+        names = LORA_MODULES[model_type]
+        for name in (t.strip() for t in r.lora_target.split(",")):
+            if name not in names:
+                errors.append(DevopsError(f"lora_target '{name}' is not a linear layer of a {model_type} model",
+                                          r.where("lora_target"), f"use all, or some of {','.join(names)}"))
+    _data_problems(r, errors, warnings)
+    if r.deepspeed:
+        errors += check_deepspeed(Path(r.deepspeed), r)
+    if errors:
+        raise DevopsErrors(errors)
+    return warnings
 
-    def bad(key: str, message: str, hint: str | None = None):
-        errors.append(DevopsError(message, r.where(key), hint))
 
-    # --- model -----------------------------------------------------------------------------------
-    model_type = None
+def _model_problems(r: Recipe, errors: list, warnings: list) -> str | None:
+    """The model folder (or hub id) of the recipe; returns its model_type when a local config says it."""
+    where = r.where("model_name_or_path")
     path = Path(r.model_name_or_path).expanduser()
     if path.exists():
         config = path / "config.json"
         if not config.is_file():
-            bad("model_name_or_path", f"'{path}' has no config.json, so it is not a model directory")
-        else:
-            try:
-                check_model_dir(path, r.where("model_name_or_path"))
-                model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-            except DevopsError as e:
-                errors.append(e)
-            if model_type == "qwen":  # Qwen v1: the workers load its native Qwen2 conversion (convert.py)
-                from devops_cli.convert.qwen_v1 import cache_path
+            errors.append(DevopsError(f"'{path}' has no config.json, so it is not a model directory", where))
+            return None
+        try:
+            check_model_dir(path, where)
+            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+        except DevopsError as e:
+            errors.append(e)
+            return None
+        if model_type == "qwen":  # Qwen v1: the workers load its native Qwen2 conversion (convert/)
+            from devops_cli.convert.qwen_v1 import cache_path
 
-                model_type = "qwen2"
-                warnings.append(f"'{path}' is a Qwen v1 checkpoint: it is converted once to Qwen2 ({cache_path(path)})")
-    elif HUB_ID.match(r.model_name_or_path) and not Path(r.model_name_or_path.split("/")[0]).is_dir():
+            warnings.append(f"'{path}' is a Qwen v1 checkpoint: it is converted once to Qwen2 ({cache_path(path)})")
+            return "qwen2"
+        return model_type
+    if HUB_ID.match(r.model_name_or_path) and not Path(r.model_name_or_path.split("/")[0]).is_dir():
         from huggingface_hub import constants, try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(r.model_name_or_path, "config.json"), str):
             if not constants.HF_HUB_OFFLINE and hub_reachable():  # else machine.problems stops the launch
                 warnings.append(f"model '{r.model_name_or_path}' is not a local directory: it will be downloaded from "
                                 "the hub (if you meant a local path, it does not exist)")
-    else:
-        hint = "build the tiny demo model with `devops-model tiny runs/tiny`" if "tiny" in str(path) else "check the path"
-        bad("model_name_or_path", f"model directory '{path}' does not exist", hint)
-    if r.finetuning_type == "lora" and r.lora_target != "all" and model_type in LORA_MODULES:
-        names = LORA_MODULES[model_type]
-        for name in (t.strip() for t in r.lora_target.split(",")):
-            if name not in names:
-                bad("lora_target", f"lora_target '{name}' is not a linear layer of a {model_type} model",
-                    f"use all, or some of {','.join(names)}")
+        return None
+    hint = "build the tiny demo model with `devops-model tiny runs/tiny`" if "tiny" in str(path) else "check the path"
+    errors.append(DevopsError(f"model directory '{path}' does not exist", where, hint))
+    return None
 
-    # --- data ------------------------------------------------------------------------------------
+
+def _data_problems(r: Recipe, errors: list, warnings: list) -> None:
     if not r.datasets:
-        bad("dataset", "dataset is empty", "name at least one dataset from dataset_info.json")
+        errors.append(DevopsError("dataset is empty", r.where("dataset"), "name at least one dataset from dataset_info.json"))
     for name in r.datasets:
         try:
             entry = dataset_info.resolve(name, r.dataset_dir, r.stage, r.where("dataset"))
@@ -106,20 +118,6 @@ def check(r: Recipe) -> tuple[list[str], Path | None]:
                 warnings.append(msg)
         except DevopsError as e:
             errors.append(e)
-
-    # --- DeepSpeed -------------------------------------------------------------------------------
-    if r.deepspeed:
-        errors += check_deepspeed(Path(r.deepspeed), r)
-
-    # --- output_dir ------------------------------------------------------------------------------
-    resume = None
-    try:
-        resume = check_output_dir(r)
-    except DevopsError as e:
-        errors.append(e)
-    if errors:
-        raise DevopsErrors(errors)
-    return warnings, resume
 
 
 def check_deepspeed(path: Path, r: Recipe) -> list[DevopsError]:
@@ -156,8 +154,9 @@ def deepspeed_problems(config: dict, where: str, r: Recipe | None = None) -> lis
     return out
 
 
-def check_output_dir(r: Recipe) -> Path | None:
-    """Decide what a run does with output_dir: start, resume, or refuse to touch another run."""
+def resume_decision(r: Recipe) -> Path | None:
+    """What a run does with output_dir: start (None), resume (the checkpoint), or refuse (DevopsError:
+    a file, not writable, another run, foreign checkpoints the Trainer would rotate away)."""
     out = Path(r.output_dir)
     where = r.where("output_dir")
     if out.exists() and not out.is_dir():

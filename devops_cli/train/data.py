@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from devops_cli import dataset_info
-from devops_cli.errors import DevopsError
+from devops_cli.errors import DevopsError, first_line
 from devops_cli.templates import DEFAULT_SYSTEM, END_OF_TURN
 from devops_cli.train.recipe import Recipe
 
@@ -52,7 +52,7 @@ def load_raw(entry: dataset_info.DatasetEntry, max_samples: int | None):
         else:
             ds = datasets.load_dataset(entry.hub_id, entry.subset, split=entry.split)
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DevopsError(f"cannot load dataset '{entry.name}': {str(e).splitlines()[0]}", entry.where) from None
+        raise DevopsError(f"cannot load dataset '{entry.name}': {first_line(e)}", entry.where) from None
     if max_samples:
         ds = ds.select(range(min(max_samples, len(ds))))
     return ds
@@ -67,7 +67,7 @@ def _to_text(entry):
     return fn
 
 
-def _to_messages(entry):
+def to_messages(entry):
     """Map an alpaca (prompt/query/response/history) or sharegpt (messages) record to messages."""
     c, tags = entry.columns, entry.tags
     roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
@@ -111,7 +111,7 @@ def load_all(recipe: Recipe, num_proc: int | None):
         if recipe.stage == "pt":
             fn, kwargs = _to_text(entry), {}
         else:
-            fn, kwargs = _to_messages(entry), {"with_indices": True}
+            fn, kwargs = to_messages(entry), {"with_indices": True}
         parts.append(ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
                             desc=f"reading {name}", **kwargs))
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]

@@ -8,7 +8,6 @@ Checks that need the filesystem (model dir, datasets, DeepSpeed config, output_d
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from devops_cli import __version__
-from devops_cli.errors import DevopsError, DevopsErrors
+from devops_cli.errors import DevopsError, DevopsErrors, did_you_mean, first_line
 
 REQUIRED = "<required>"
 BUNDLED_DATA = "bundled"  # dataset_dir value meaning the sample data shipped in the package
@@ -213,7 +212,7 @@ def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise DevopsError(f"invalid YAML: {problem}", where, "fix the syntax (indentation, ':' after keys)") from None
     if data is None:
         raise DevopsError("the recipe is empty", str(path), "add at least stage, model_name_or_path, dataset, output_dir")
@@ -363,8 +362,7 @@ def value_problems(r: Recipe) -> list[DevopsError]:
 
 
 def _did_you_mean(word: str, options) -> str | None:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.7)
-    return f"did you mean '{close[0]}'?" if close else None
+    return did_you_mean(word, options)
 
 
 def dump(recipe: Recipe, header: str = "") -> str:

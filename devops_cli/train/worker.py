@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     log = recipe_path.parent / "logs" / f"rank{rank}.log"
     log_file = tee_output(log, console=rank == 0)
 
-    from devops_cli.console import fail, quiet_imports
-    from devops_cli.errors import DevopsError
+    from devops_cli.console import fail, fail_all, quiet_imports
+    from devops_cli.errors import DevopsError, first_line
 
     quiet_imports()
 
@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
         train.run(recipe.load(recipe_path))
     except DevopsError as e:
-        for line in e.line().splitlines():
-            fail(f"[rank {rank}] {line}")
+        fail_all(e, f"[rank {rank}] ")
         return 2
     except KeyboardInterrupt:
         return 130
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         log_file.write(traceback.format_exc().encode())  # the whole story goes to the log only
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = first_line(e)
         if full := disk_full(e, recipe_path.parent):
             fail(f"[rank {rank}] {full}")
             return 2

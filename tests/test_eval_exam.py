@@ -146,10 +146,11 @@ def test_recipe_errors_name_file_and_line(tmp_path, exam):
 
 
 def test_shipped_eval_recipe_parses():
-    from devops_cli.eval.command import read_recipe
+    from devops_cli.eval.run import EvalOptions
+    from devops_cli.options import read_recipe
 
     path = ROOT / "configs" / "eval.yaml"
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("# devops-model eval configs/eval.yaml")
-    values, origin = read_recipe(path)
+    values, origin = read_recipe(path, EvalOptions)
     assert values["shots"] == 5 and values["protocol"] == "devops-eval" and origin["shots"].startswith(f"{path}:")

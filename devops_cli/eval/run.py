@@ -22,6 +22,7 @@ from devops_cli.console import console, info
 from devops_cli.errors import DevopsError, first_line
 from devops_cli.eval import prompts
 from devops_cli.eval.exam import LETTERS, Subject, load_hub, load_local
+from devops_cli.options import opt
 from devops_cli.sources import check_model_arg, hub_reachable
 from devops_cli.train.recipe import is_resolved, read_resolved
 from devops_cli.weights import check_adapter_dir
@@ -32,21 +33,23 @@ MAX_SHOTS = 5
 
 @dataclass
 class EvalOptions:
-    model: str | None = None
-    shots: int = 0
-    data_dir: str | None = None  # None: the hub datasets of the notes
-    subjects: str | None = None  # None: the six DevOps exam subjects; "all"; "a,b"
-    protocol: str = "devops-eval"
-    chat: bool | None = None  # None: on for chat models whose tokenizer has a chat template
-    system: str | None = None
-    adapter: str | None = None
-    batch_size: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"
-    output: str | None = None  # None: runs/eval/<model>-<protocol>-<k>shot.json
-    limit: int | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False  # replace an existing --output
+    """The flags of `devops-model eval` and the keys of an eval recipe (options.command builds both)."""
+
+    model: str | None = opt(None, "model directory or hub id", "-m", shown="the newest finished run under runs/")
+    shots: int = opt(0, "exemplars per question, 0-5", "-k")
+    data_dir: str | None = opt(None, "CSVs in CMMLU/C-Eval layout", shown="the hub datasets")
+    subjects: str | None = opt(None, "a,b | all", shown="the six DevOps exam subjects")
+    protocol: str = opt("devops-eval", "devops-eval | cmmlu | ceval | lm-eval")
+    chat: bool | None = opt(None, "ChatML prompt", shown="on for chat models")
+    system: str | None = opt(None, "system message for --chat")
+    adapter: str | None = opt(None, "LoRA adapter directory")
+    batch_size: str = opt("auto", "N | auto")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
+    device: str = opt("auto", "auto | cpu | cuda[:N] | mps")
+    output: str | None = opt(None, "results JSON", "-o", shown="runs/eval/<model>-<protocol>-<k>shot.json")
+    limit: int | None = opt(None, "score only the first N questions of each subject")
+    trust_remote_code: bool = opt(False, "run the model's own Python code")
+    overwrite: bool = opt(False, "replace an existing --output")
 
 
 def check(o: EvalOptions, where=lambda flag: flag) -> None:

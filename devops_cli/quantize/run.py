@@ -21,6 +21,7 @@ from pathlib import Path
 
 from devops_cli.console import import_gptq_quietly, info, warn
 from devops_cli.errors import DevopsError
+from devops_cli.options import opt
 from devops_cli.outputs import new_output_dir
 from devops_cli.quantize.calibration import open_source, token_blocks
 from devops_cli.sources import check_model_arg
@@ -33,22 +34,25 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 @dataclass
 class QuantizeOptions:
-    model: str | None = None
-    output: str | None = None
-    bits: int = 4
-    group_size: int = 128
-    desc_act: bool = False
-    damp_percent: float = 0.1  # GPTQ dampening: share of the mean Hessian diagonal added to it
-    calib: str | None = None  # None: the bundled DevOps corpus
-    calib_field: str | None = None  # jsonl/json: the text field (default: text | messages | instruction/output)
-    calib_samples: int = 128
-    calib_seq_len: int = 1024
-    eval_samples: int = 16  # held-out blocks for perplexity
-    dataset_dir: str = "bundled"
-    dtype: str = "float16"
-    device: str = "auto"
-    overwrite: bool = False
-    trust_remote_code: bool = False
+    """The flags of `devops-model quantize` and the keys of a quantize recipe (options.command builds both)."""
+
+    model: str | None = opt(None, "model directory or hub id, or a LoRA adapter dir (merged first)", "-m")
+    output: str | None = opt(None, "directory for the quantized checkpoint", "-o")
+    bits: int = opt(4, "4 | 8")
+    group_size: int = opt(128, "columns per scale; -1 = one per row")
+    desc_act: bool = opt(False, "act-order: columns by activation size (slower kernels)")
+    damp_percent: float = opt(0.1, "GPTQ dampening: share of the mean Hessian diagonal added to it")
+    calib: str | None = opt(None, "dataset name(s) from dataset_info.json, or a .jsonl/.json/.txt file",
+                            shown="the bundled DevOps corpus")
+    calib_field: str | None = opt(None, "jsonl/json text field", shown="text, messages or instruction/output")
+    calib_samples: int = opt(128, "calibration samples")
+    calib_seq_len: int = opt(1024, "tokens per sample")
+    eval_samples: int = opt(16, "held-out blocks for perplexity before/after")
+    dataset_dir: str = opt("bundled", "folder with dataset_info.json for --calib names")
+    dtype: str = opt("float16", "float16 | bfloat16 for the unquantized parts")
+    device: str = opt("auto", "auto | cpu | cuda[:N]")
+    overwrite: bool = opt(False, "replace a non-empty --output (only once the new one is verified)")
+    trust_remote_code: bool = opt(False, "run the model's own Python code")
 
 
 def check(o: QuantizeOptions, where=lambda flag: flag) -> None:

@@ -8,7 +8,6 @@ Checks that need the filesystem (model dir, datasets, DeepSpeed config, output_d
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from devops_cli import __version__
-from devops_cli.errors import DevopsError, DevopsErrors, did_you_mean, first_line
+from devops_cli.errors import DevopsError, DevopsErrors, did_you_mean
+from devops_cli.options import allowed, coerce, describe, read_yaml
 
 REQUIRED = "<required>"
 BUNDLED_DATA = "bundled"  # dataset_dir value meaning the sample data shipped in the package
@@ -120,50 +120,6 @@ _HINTS = typing.get_type_hints(Recipe)
 
 
 # ----------------------------------------------------------------------------------------------
-# Types
-# ----------------------------------------------------------------------------------------------
-def _allowed(tp) -> tuple[type, ...]:
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        return tuple(a for arg in typing.get_args(tp) for a in _allowed(arg))
-    return (type(None),) if tp is type(None) else (tp,)
-
-
-def _describe(allowed: tuple) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
-             dict: "a mapping", list: "a list", type(None): "null"}  # fmt: skip
-    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in allowed))
-
-
-def coerce(value, allowed: tuple[type, ...]):
-    """Return value converted to one of `allowed`, or raise ValueError."""
-    if value is None and type(None) in allowed:
-        return None
-    if isinstance(value, bool):
-        if bool in allowed:
-            return value
-        raise ValueError
-    if isinstance(value, int) and int in allowed:
-        return value
-    if isinstance(value, (int, float)) and float in allowed:
-        return float(value)
-    if isinstance(value, float) and int in allowed and value.is_integer():
-        return int(value)
-    if isinstance(value, str):
-        if str in allowed:
-            return value
-        # YAML 1.1 reads 5e-5 as a string; accept numbers written that way
-        for t in (int, float):
-            if t in allowed:
-                try:
-                    return t(value)
-                except ValueError:
-                    pass
-    if isinstance(value, (dict, list)) and type(value) in allowed:
-        return value
-    raise ValueError
-
-
-# ----------------------------------------------------------------------------------------------
 # TrainingArguments pass-through: field names and coarse types read from transformers' source
 # ----------------------------------------------------------------------------------------------
 _TA_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list, "None": type(None)}
@@ -195,42 +151,6 @@ def training_argument_types() -> dict[str, tuple[type, ...] | None]:
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------
-def _read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
-    """Top-level mapping of a YAML file and the line number of each key."""
-    if not path.is_file():
-        raise DevopsError(f"recipe file not found: {path}", hint="check the path (configs/ holds examples)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DevopsError(f"not a text file (byte {e.start} is not UTF-8)", str(path),
-                          "a recipe is a YAML text file (configs/*.yaml)") from None
-    if "\x00" in text:
-        raise DevopsError("not a text file (it holds NUL bytes)", str(path), "a recipe is a YAML text file (configs/*.yaml)")
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(e, "problem", None) or first_line(e)
-        raise DevopsError(f"invalid YAML: {problem}", where, "fix the syntax (indentation, ':' after keys)") from None
-    if data is None:
-        raise DevopsError("the recipe is empty", str(path), "add at least stage, model_name_or_path, dataset, output_dir")
-    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
-        raise DevopsError("a recipe must be a mapping of key: value lines", f"{path}:1")
-    lines: dict[str, int] = {}
-    errors = []
-    for key_node, _ in node.value:
-        key = key_node.value
-        if key in lines:
-            errors.append(DevopsError(f"key '{key}' appears twice (also line {lines[key]})",
-                                      f"{path}:{key_node.start_mark.line + 1}", "keep one"))
-        lines[key] = key_node.start_mark.line + 1
-    if errors:
-        raise DevopsErrors(errors)
-    return data, lines
-
-
 def parse_override(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
@@ -249,7 +169,7 @@ def load(path: str | Path | None, overrides: list[str] = (), stage: str | None =
     origin: dict[str, str] = {}
     source = str(path) if path else "command line"
     if path is not None:
-        data, lines = _read_yaml(Path(path))
+        data, lines = read_yaml(Path(path))
         values.update(data)
         origin.update({k: f"{path}:{n}" for k, n in lines.items()})
     for text in overrides:
@@ -280,11 +200,11 @@ def build(values: dict, origin: dict[str, str], source: str, command: str | None
             errors.append(DevopsError(f"key {key!r} is not a name", where))
             continue
         if key in known:
-            allowed = _allowed(_HINTS[key])
+            kinds = allowed(_HINTS[key])
             try:
-                value = coerce(value, allowed)
+                value = coerce(value, kinds)
             except ValueError:
-                errors.append(DevopsError(f"{key} expects {_describe(allowed)}, got {value!r}", where))
+                errors.append(DevopsError(f"{key} expects {describe(kinds)}, got {value!r}", where))
             else:
                 choices = known[key].metadata.get("choices")
                 if choices and value not in choices:
@@ -297,12 +217,12 @@ def build(values: dict, origin: dict[str, str], source: str, command: str | None
         if ta_types is None:
             ta_types = training_argument_types()
         if key in ta_types and key not in _OWNED:
-            allowed = ta_types[key]
-            if allowed is not None:
+            kinds = ta_types[key]
+            if kinds is not None:
                 try:
-                    value = coerce(value, allowed)
+                    value = coerce(value, kinds)
                 except ValueError:
-                    errors.append(DevopsError(f"{key} expects {_describe(allowed)}, got {value!r}", where))
+                    errors.append(DevopsError(f"{key} expects {describe(kinds)}, got {value!r}", where))
                     continue
             extra[key] = value
             continue
@@ -389,45 +309,3 @@ def read_resolved(path: Path) -> dict:
     """The key: value mapping of a recipe.yaml that devops-model wrote into an output_dir."""
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f) or {}
-
-
-# ----------------------------------------------------------------------------------------------
-# Recipes of flag-driven commands (eval, quantize): keys are the flags' names, flags win
-# ----------------------------------------------------------------------------------------------
-def read_command_recipe(path: Path, fields, types: dict[str, tuple], alias: dict[str, str]) -> tuple[dict, dict]:
-    """{field: value} and {field: "file:line (key)"} of a command's recipe; a key not in `types` is a
-    string or null. Every problem is reported at once, as for training recipes."""
-    data, lines = _read_yaml(path)
-    fields = list(fields)
-    values, origin, errors = {}, {}, []
-    for key, value in data.items():
-        where = f"{path}:{lines.get(key, 1)}"
-        name = alias.get(key, key)
-        if name not in fields:
-            errors.append(DevopsError(f"unknown key '{key}'", where,
-                                      _did_you_mean(str(key), fields) or f"keys: {', '.join(fields)}"))
-            continue
-        allowed = types.get(name, (str, type(None)))
-        try:
-            values[name] = coerce(value, allowed)
-        except ValueError:
-            errors.append(DevopsError(f"{key} expects {_describe(allowed)}, got {value!r}", where))
-            continue
-        origin[name] = f"{where} ({key})"
-    if errors:
-        raise DevopsErrors(errors)
-    return values, origin
-
-
-def apply_flags(values: dict, origin: dict, flags: dict):
-    """Flags given on the command line (not None) override recipe values. Returns the values and
-    where(flag) -> the recipe line a value came from, else the flag itself, for error messages."""
-    for key, value in flags.items():
-        if value is not None:
-            values[key] = str(value) if isinstance(value, Path) else value
-            origin.pop(key, None)
-
-    def where(flag: str) -> str:
-        return origin.get(flag.lstrip("-").replace("-", "_"), flag)
-
-    return values, where

@@ -44,7 +44,8 @@ def bench_model(label: str, path: Path, tokens: int, repeat: int) -> dict:
 
     from devops_cli.chat.command import load
     from devops_cli.chat.render import ReplyView
-    from devops_cli.chat.session import ChatSession, settings_from
+    from devops_cli.chat.session import ChatSession
+    from devops_cli.chat.settings import settings_from
     from devops_cli.templates import DEFAULT_SYSTEM
 
     model, tok, name = load(str(path), None, "float32", "cpu")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from devops_cli.console import import_gptq_quietly, import_quietly
-from devops_cli.convert.qwen_v1 import resolve_model, watch_seq_length
+from devops_cli.convert.resolve import resolve_model, watch_seq_length
 from devops_cli.errors import DevopsError, first_line
 from devops_cli.templates import CHATML, DEFAULT, has_chatml_tokens
 from devops_cli.weights import check_adapter_dir, check_model_dir

@@ -29,7 +29,8 @@ def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
 @pytest.fixture(scope="module")
 def session(tiny_model):
     from devops_cli.chat.command import load
-    from devops_cli.chat.session import ChatSession, settings_from
+    from devops_cli.chat.session import ChatSession
+    from devops_cli.chat.settings import settings_from
 
     model, tok, name = load(str(tiny_model), None, "auto", "cpu")
     return ChatSession(model, tok, model_name=name, settings=settings_from(model.generation_config, {}),
@@ -50,7 +51,7 @@ def fresh(session):
 def test_defaults_come_from_the_generation_config(tiny_model):
     from transformers import GenerationConfig
 
-    from devops_cli.chat.session import settings_from
+    from devops_cli.chat.settings import settings_from
 
     config = GenerationConfig.from_pretrained(tiny_model)
     assert settings_from(config, {}) == {"do_sample": False, "max_new_tokens": 256}
@@ -140,7 +141,8 @@ def test_self_check_catches_a_loop_that_loses_its_cache(tiny_model, monkeypatch,
 
     from devops_cli.chat import decode
     from devops_cli.chat.command import load
-    from devops_cli.chat.session import ChatSession, settings_from
+    from devops_cli.chat.session import ChatSession
+    from devops_cli.chat.settings import settings_from
 
     model, tok, name = load(str(tiny_model), None, "auto", "cpu")
     monkeypatch.setattr(decode, "cache_kwarg", lambda module: "cache_under_an_old_name")

@@ -234,8 +234,8 @@ def test_pickled_code_in_a_bin_never_runs(tmp_path):
 def test_resolve_model_converts_once_and_reuses(small_v1, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from devops_cli.convert import qwen_v1 as convert
-    from devops_cli.convert.qwen_v1 import CACHE_ENV, resolve_model
+    from devops_cli.convert import resolve as convert
+    from devops_cli.convert.resolve import CACHE_ENV, resolve_model
     from devops_cli.errors import DevopsError
 
     def new_process():  # a later command starts with an empty in-process memo

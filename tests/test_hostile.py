@@ -246,7 +246,8 @@ def test_hostile_input_is_one_clear_line_and_exit_2(name, ctx):
 
 def test_set_refuses_more_new_tokens_than_the_context(tiny_model):
     from devops_cli.chat.command import load
-    from devops_cli.chat.session import ChatSession, settings_from
+    from devops_cli.chat.session import ChatSession
+    from devops_cli.chat.settings import settings_from
     from devops_cli.errors import DevopsError
 
     model, tok, name = load(str(tiny_model), None, "auto", "cpu")

@@ -181,7 +181,7 @@ def test_lora_adapter_is_merged_first(trained, tmp_path, capsys):
 
     from devops_cli.modeling import load_model, load_tokenizer
     from devops_cli.quantize.calibration import open_source, token_blocks
-    from devops_cli.quantize.run import perplexity
+    from devops_cli.quantize.gptq import perplexity
 
     base = load_model(str(trained), torch.float32)
     torch.manual_seed(0)
@@ -207,6 +207,7 @@ def test_lora_adapter_is_merged_first(trained, tmp_path, capsys):
 @needs_gptq
 def test_failure_midway_leaves_the_old_output_and_no_scratch(trained, tmp_path, capsys, monkeypatch):
     """A fault after the checkpoint is written but before it is verified (fault injection, not a fake)."""
+    from devops_cli.quantize import gptq
     from devops_cli.quantize import run as quantize
 
     out = tmp_path / "int4"
@@ -216,7 +217,7 @@ def test_failure_midway_leaves_the_old_output_and_no_scratch(trained, tmp_path, 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(quantize, "_generate", broken)
+    monkeypatch.setattr(gptq, "_generate", broken)
     with pytest.raises(OSError, match="disk full"):
         quantize.run(quantize.QuantizeOptions(model=str(trained), output=str(out), overwrite=True,
                                               calib_seq_len=128, calib_samples=8))
@@ -231,7 +232,7 @@ def test_a_checkpoint_that_does_not_reload_as_quantized_is_refused(trained, tmp_
     line naming the libraries, exit 1, nothing at --output."""
     from gptqmodel.utils.model import hf_convert_gptq_v2_to_v1_format
 
-    from devops_cli.quantize import run as quantize
+    from devops_cli.quantize import gptq
 
     def uncorrected(q, model, path):
         model, _ = hf_convert_gptq_v2_to_v1_format(model, q.sym, q.bits, q.quant_linear, q.format, q.meta)
@@ -239,7 +240,7 @@ def test_a_checkpoint_that_does_not_reload_as_quantized_is_refused(trained, tmp_
         model.config.quantization_config = q.to_dict()
         model.save_pretrained(str(path))
 
-    monkeypatch.setattr(quantize, "_save", uncorrected)
+    monkeypatch.setattr(gptq, "_save", uncorrected)
     out = tmp_path / "int4"
     code, _, err = cli(["quantize", "--model", str(trained), "--output", str(out), *FAST], capsys)
     assert code == 1 and "Traceback" not in err, err

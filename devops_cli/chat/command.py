@@ -39,7 +39,7 @@ def chat(
 
     [bold]kubectl logs pod | devops-model chat -m MODEL -p "why does it crash?"[/]
     """
-    from devops_cli.chat.session import parse_setting
+    from devops_cli.chat.settings import parse_setting
 
     overrides = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
                  "repetition_penalty": repetition_penalty}
@@ -73,7 +73,8 @@ def _session(model, adapter, system, overrides, seed, max_window, dtype, device,
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not the user's
     from transformers.utils import logging as hf_logging
 
-    from devops_cli.chat.session import ChatSession, settings_from
+    from devops_cli.chat.session import ChatSession
+    from devops_cli.chat.settings import settings_from
     from devops_cli.templates import DEFAULT_SYSTEM
 
     hf_logging.set_verbosity_error()

@@ -17,7 +17,8 @@ from rich.markup import escape
 
 from devops_cli.chat import transcript
 from devops_cli.chat.render import ReplyView
-from devops_cli.chat.session import SETTINGS, ChatSession
+from devops_cli.chat.session import ChatSession
+from devops_cli.chat.settings import SETTINGS
 from devops_cli.console import console, fail, fail_all, warn
 from devops_cli.errors import DevopsError, did_you_mean
 

@@ -141,7 +141,7 @@ def load(path: Path) -> dict:
     generation = state.get("generation") or {}
     if not isinstance(generation, dict):
         raise DevopsError("'generation' must be a mapping of settings", where=str(path))
-    from devops_cli.chat.session import SETTINGS, parse_setting
+    from devops_cli.chat.settings import SETTINGS, parse_setting
 
     for name, value in generation.items():  # the same rules as /set: a bad value never reaches a turn
         if name in SETTINGS:

@@ -89,7 +89,7 @@ def _model_problems(r: Recipe, errors: list, warnings: list) -> str | None:
             errors.append(e)
             return None
         if model_type == "qwen":  # Qwen v1: the workers load its native Qwen2 conversion (convert/)
-            from devops_cli.convert.qwen_v1 import cache_path
+            from devops_cli.convert.resolve import cache_path
 
             warnings.append(f"'{path}' is a Qwen v1 checkpoint: it is converted once to Qwen2 ({cache_path(path)})")
             return "qwen2"

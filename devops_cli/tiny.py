@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
+import typer
+from rich.markup import escape
+
+from devops_cli.console import console
 from devops_cli.convert.tokenizer import qwen_pipeline
 from devops_cli.dataset_info import BUNDLED_DIR
 from devops_cli.errors import DevopsError
@@ -110,3 +115,18 @@ def train_briefly(src: str | Path, out: str | Path, steps: int, block: int = 128
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return losses[0], losses[-1]
+
+
+def tiny(
+    output: Annotated[Path, typer.Argument(help="directory for the model")],
+    hidden_size: Annotated[int, typer.Option(help="hidden size (>= 128 for GPTQ group size 128)")] = 128,
+    layers: Annotated[int, typer.Option(help="transformer layers")] = 2,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size")] = 4096,
+    seed: Annotated[int, typer.Option(help="init seed")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty directory")] = False,
+) -> None:
+    """Build a tiny Qwen2 model + BPE tokenizer from the bundled corpus (smoke tests, demos)."""
+    out = build(output, hidden_size=hidden_size, num_layers=layers, vocab_size=vocab_size, seed=seed,
+                overwrite=overwrite)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    console.print(f"[green]tiny model[/] → {escape(str(out))} ({size:.1f} MB)")

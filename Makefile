@@ -11,7 +11,7 @@ LOCK   := $(CURDIR)/requirements.lock
 PIN    := $(if $(shell command -v nvidia-smi 2>/dev/null),,$(CURDIR)/constraints.txt)
 PYTEST ?= -q
 
-.PHONY: install test demo lint bench clean lock
+.PHONY: install test test-fast demo lint bench clean lock
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ lock:
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST)
+
+# everything but the tests marked slow (worker launches, GPTQ, the full exam, models loaded in fresh
+# CLI processes): the quick loop while developing
+test-fast: $(STAMP)
+	$(PY) -m pytest $(PYTEST) -m "not slow"
 
 DM   := $(PY) -m devops_cli
 DEMO := runs/demo

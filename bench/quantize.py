@@ -24,10 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def train_tiny(out: Path, steps: int) -> Path:
-    from devops_cli.tiny import build, train_briefly
+    from devops_cli.tiny import build
+    from kit import train_briefly  # tests/kit.py
 
     train_briefly(build(out / "base", hidden_size=128), out / "tiny", steps)
     return out / "tiny"

@@ -217,6 +217,7 @@ def test_set_validates_and_regen_replaces_the_last_reply(fresh):
 
 # --- the command without a terminal --------------------------------------------------------------
 
+@pytest.mark.slow
 def test_one_shot_prints_plain_text_and_json_agrees(tiny_model):
     args = ("--model", str(tiny_model), "--prompt", "how do I restart a deployment?", "--max-new-tokens", "12",
             "--temperature", "1", "--seed", "5")
@@ -232,6 +233,7 @@ def test_one_shot_prints_plain_text_and_json_agrees(tiny_model):
     assert 0 < out["completion_tokens"] <= 12 and out["prompt_tokens"] > 10 and out["seconds"] > 0
 
 
+@pytest.mark.slow
 def test_piped_log_is_cleaned_attached_and_fitted(tiny_model):
     base = chat("--model", str(tiny_model), "--prompt", "why?", "--json", "--max-new-tokens", "2")
     log = "\x1b[31mERROR\x1b[0m pod crashed: OOMKilled\n"
@@ -248,12 +250,14 @@ def test_piped_log_is_cleaned_attached_and_fitted(tiny_model):
     assert "the piped input was too long for the window" in long.stderr and "1 of 1 error lines" in long.stderr
 
 
+@pytest.mark.slow
 def test_piped_text_without_prompt_is_the_question(tiny_model):
     r = chat("--model", str(tiny_model), "--json", "--max-new-tokens", "2", stdin="what is a pod?\n")
     assert r.returncode == 0 and json.loads(r.stdout)["completion_tokens"] >= 1
     one_line_error(chat("--model", str(tiny_model), stdin=""), "nothing to answer")
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tiny_model, tmp_path):
     one_line_error(chat("--model", str(tmp_path / "missing"), "--prompt", "hi"), "model directory", "does not exist")
     one_line_error(chat("--model", str(tmp_path), "--prompt", "hi"), "has no config.json")
@@ -274,6 +278,7 @@ def _adapter(base, out):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft's use of a deprecated transformers name
 def test_adapter_for_this_base_works_and_for_another_base_is_one_line(tiny_model, tmp_path):
     from devops_cli.tiny import build

@@ -10,9 +10,11 @@ import sys
 import time
 
 import pexpect
+import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # models loaded in fresh CLI processes
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Z0-9]|\x1b[=>]")
 STATS = re.compile(r"(\d+) tokens · [\d.]+ s · [\d.]+ tokens/s")
 

@@ -68,6 +68,7 @@ CASES = [  # (schema, weight format, source shards, seq_length used, dtype)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, fmt, shards, seq, dtype", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}shard" for c in CASES])
 def test_converted_logits_match_the_v1_reference(tmp_path, kind, fmt, shards, seq, dtype):
     from devops_cli.modeling import load_model
@@ -89,6 +90,7 @@ def test_converted_logits_match_the_v1_reference(tmp_path, kind, fmt, shards, se
     assert not list(out.glob("*.py")) and not (src / "REMOTE_CODE_RAN").exists()  # remote code neither copied nor run
 
 
+@pytest.mark.slow
 def test_a_wrong_mapping_would_be_caught(tmp_path):
     """The comparison has teeth: swapping w1/w2 (gate/up) in the source moves the logits far past 1e-4."""
     from devops_cli.modeling import load_model
@@ -104,6 +106,7 @@ def test_a_wrong_mapping_would_be_caught(tmp_path):
     assert (_logits(model, ids) - reference_logits(sd, cfg, ids)).abs().max().item() > 1e-2
 
 
+@pytest.mark.slow
 def test_past_seq_length_differs_and_warns(tmp_path, capsys):
     """Beyond seq_length v1 switches on logn attention and stepwise dynamic NTK; the converted model
     does not. Quantified here on random weights; the hook warns once. Without those switches (72B)
@@ -130,6 +133,7 @@ def test_past_seq_length_differs_and_warns(tmp_path, capsys):
     assert "warning" not in figures["72b", "warned"]
 
 
+@pytest.mark.slow
 def test_decoding_past_seq_length_warns_too(tmp_path, capsys):
     """Token by token the forward sees one new token; the cached ones count (the cache argument under
     whichever name this transformers uses)."""
@@ -146,6 +150,7 @@ def test_decoding_past_seq_length_warns_too(tmp_path, capsys):
     assert capsys.readouterr().err.count("past this Qwen v1 model's trained length (16)") == 1
 
 
+@pytest.mark.slow
 def test_output_files_and_sharding(tmp_path):
     from safetensors import safe_open
 
@@ -187,6 +192,7 @@ def small_v1(tmp_path_factory):
     return write_v1(tmp_path_factory.mktemp("small") / "v1", cfg, v1_weights(cfg), "safetensors", 2)
 
 
+@pytest.mark.slow
 def test_convert_command(small_v1, tmp_path):
     r = run_cli("convert", "--model", str(small_v1), "--output", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
@@ -196,6 +202,7 @@ def test_convert_command(small_v1, tmp_path):
                     "exists", "--overwrite")
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line(small_v1, tiny_model, tmp_path):
     import shutil
 
@@ -215,6 +222,7 @@ def test_bad_inputs_are_one_line(small_v1, tiny_model, tmp_path):
         assert not (tmp_path / f"cut-{fmt}-qwen2").exists() and not list(tmp_path.glob(f".cut-{fmt}-qwen2.tmp-*"))
 
 
+@pytest.mark.slow
 def test_pickled_code_in_a_bin_never_runs(tmp_path):
     """A .bin is a pickle: it is read with weights_only=True, so a payload is refused, not executed."""
     cfg = v1_config("2023-08", seq_length=64)
@@ -231,6 +239,7 @@ def test_pickled_code_in_a_bin_never_runs(tmp_path):
 
 
 # --- the --model hook: once, cached, reused ------------------------------------------------------
+@pytest.mark.slow
 def test_resolve_model_converts_once_and_reuses(small_v1, tmp_path, capsys, monkeypatch):
     import shutil
 

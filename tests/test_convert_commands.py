@@ -11,7 +11,7 @@ from test_convert_kit import v1_config, v1_weights, write_v1
 
 from conftest import SHARED, run_cli
 
-
+pytestmark = pytest.mark.slow  # models loaded in fresh CLI processes
 @pytest.fixture(scope="module")
 def v1_dir(tmp_path_factory):
     cfg = v1_config("2023-08", seq_length=128)

@@ -18,6 +18,7 @@ from test_convert_kit import v1_config, v1_weights, write_v1
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # models loaded in fresh CLI processes
 MEASURE = r"""
 import json, sys, threading, time, tracemalloc
 from pathlib import Path

@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, run_cli
 from devops_cli.errors import DevopsError
 from devops_cli.eval import run as evaluate
-from devops_cli.eval.exam import BUNDLED_EXAM
 from devops_cli.train import recipe
+from kit import BUNDLED_EXAM
 
 
 def finished_run(folder: Path, stage: str, finished_at: float) -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT, SHARED, run_cli
 from devops_cli.errors import DevopsError
-from devops_cli.eval.exam import BUNDLED_EXAM, discover, load_local, read_csv
+from devops_cli.eval.exam import discover, load_local, read_csv
+from kit import BUNDLED_EXAM
 
 DATA = SHARED / "data" / "devops-exam"
 needs_data = pytest.mark.skipif(not (DATA / "cmmlu").is_dir(), reason=f"exam data not found at {DATA} (../shared)")

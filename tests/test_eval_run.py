@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, SHARED, run_cli
 from devops_cli.eval import prompts
 from devops_cli.eval import run as evaluate
-from devops_cli.eval.exam import BUNDLED_EXAM
 from devops_cli.eval.scoring import Scorer, common_prefix, plan, predict
+from kit import BUNDLED_EXAM
 
 DATA = SHARED / "data" / "devops-exam"
 needs_data = pytest.mark.skipif(not (DATA / "cmmlu").is_dir(), reason=f"exam data not found at {DATA} (../shared)")
@@ -85,6 +85,7 @@ def five_shot(tiny_model, tmp_path_factory):
     return json.loads(out.read_text(encoding="utf-8")), r.stdout
 
 
+@pytest.mark.slow
 def test_cli_scores_all_574_at_five_shots(five_shot):
     result, stdout = five_shot
     assert result["overall"]["n"] == 574 and len(result["questions"]) == 574
@@ -100,6 +101,7 @@ def test_cli_scores_all_574_at_five_shots(five_shot):
     assert "overall (micro)" in stdout and f"{correct}/574 correct" in stdout
 
 
+@pytest.mark.slow
 def test_batched_equals_one_at_a_time_for_all_574(five_shot, tiny_model):
     """The prefix-cached, batched, padded path against whole prompts scored alone (full logits)."""
     from devops_cli.modeling import load_model, load_tokenizer
@@ -127,6 +129,7 @@ def test_batched_equals_one_at_a_time_for_all_574(five_shot, tiny_model):
     assert (again - reference[:60]).abs().max().item() < 1e-3
 
 
+@pytest.mark.slow
 @needs_data
 def test_cli_zero_shot_scores_all_574(tiny_model, tmp_path):
     out = tmp_path / "r0.json"

@@ -128,6 +128,6 @@ def test_gptq_internals_the_quantize_command_uses():
     libs = f"optimum {version('optimum')}, gptqmodel {version('gptqmodel')}"
     params = list(inspect.signature(gptq_model.hf_convert_gptq_v2_to_v1_format).parameters)
     assert params[:6] == ["model", "sym", "bits", "qlinear_kernel", "checkpoint_format", "meta"], \
-        f"{libs}: hf_convert_gptq_v2_to_v1_format takes {params} (quantize._save)"  # fmt: skip
+        f"{libs}: hf_convert_gptq_v2_to_v1_format takes {params} (quantize.gptq._save)"  # fmt: skip
     for name in ("tqdm", "has_device_more_than_cpu"):  # quantize._block_progress: display and device only
         assert hasattr(quantizer, name), f"{libs}: optimum.gptq.quantizer has no '{name}'"

@@ -44,7 +44,8 @@ def cli(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """The tiny Qwen2 (hidden 128, 2 layers) trained 120 steps on the bundled corpus (loss ~8.3 -> ~6.3)."""
-    from devops_cli.tiny import build, train_briefly
+    from devops_cli.tiny import build
+    from kit import train_briefly
 
     root = tmp_path_factory.mktemp("quantize")
     first, last = train_briefly(build(root / "base", hidden_size=128), root / "trained", steps=120)
@@ -65,6 +66,7 @@ def int4(trained, tmp_path_factory):
 
 # --- the acceptance figures ----------------------------------------------------------------------
 @needs_gptq
+@pytest.mark.slow
 def test_int4_size_and_perplexity_as_measured_by_the_command(int4, trained):
     out, r = int4
     assert r["calibration"]["source"].startswith("the bundled DevOps corpus")
@@ -92,6 +94,7 @@ def test_int4_size_and_perplexity_as_measured_by_the_command(int4, trained):
 
 
 @needs_gptq
+@pytest.mark.slow
 def test_output_reloads_generates_and_is_really_int4(int4, trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,6 +115,7 @@ def test_output_reloads_generates_and_is_really_int4(int4, trained):
 
 
 @needs_gptq
+@pytest.mark.slow
 def test_chat_and_eval_load_the_int4_model(int4, capsys, monkeypatch, tmp_path):
     out, _ = int4
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))  # not a terminal, nothing piped
@@ -131,6 +135,7 @@ def test_chat_and_eval_load_the_int4_model(int4, capsys, monkeypatch, tmp_path):
 
 # --- calibration sources -------------------------------------------------------------------------
 @needs_gptq
+@pytest.mark.slow
 def test_calibration_from_a_dataset_name(trained, tmp_path, capsys):
     """devops_qa is an sft dataset: its conversations are rendered with the chat template."""
     out = tmp_path / "int4"
@@ -142,6 +147,7 @@ def test_calibration_from_a_dataset_name(trained, tmp_path, capsys):
 
 
 @needs_gptq
+@pytest.mark.slow
 def test_calibration_from_a_jsonl_file_overwrites_only_with_the_flag(trained, tmp_path, capsys):
     corpus = (ROOT / "devops_cli" / "assets" / "data" / "devops_corpus_en.jsonl").read_text().splitlines()
     calib = tmp_path / "mine.jsonl"
@@ -161,6 +167,7 @@ def test_calibration_from_a_jsonl_file_overwrites_only_with_the_flag(trained, tm
 
 
 @needs_gptq
+@pytest.mark.slow
 def test_recipe_form_with_a_txt_file_and_8_bits(trained, tmp_path, capsys):
     text = "\n\n".join(json.loads(line)["text"] for line in
                        (ROOT / "devops_cli" / "assets" / "data" / "devops_corpus_zh.jsonl").read_text().splitlines()[:30])
@@ -176,6 +183,7 @@ def test_recipe_form_with_a_txt_file_and_8_bits(trained, tmp_path, capsys):
 
 
 @needs_gptq
+@pytest.mark.slow
 def test_lora_adapter_is_merged_first(trained, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 
@@ -205,6 +213,7 @@ def test_lora_adapter_is_merged_first(trained, tmp_path, capsys):
 
 
 @needs_gptq
+@pytest.mark.slow
 def test_failure_midway_leaves_the_old_output_and_no_scratch(trained, tmp_path, capsys, monkeypatch):
     """A fault after the checkpoint is written but before it is verified (fault injection, not a fake)."""
     from devops_cli.quantize import gptq
@@ -226,6 +235,7 @@ def test_failure_midway_leaves_the_old_output_and_no_scratch(trained, tmp_path, 
 
 
 @needs_gptq
+@pytest.mark.slow
 def test_a_checkpoint_that_does_not_reload_as_quantized_is_refused(trained, tmp_path, capsys, monkeypatch):
     """optimum's own save after the GPTQ v2 -> v1 conversion, without the config fix `_save` makes (the
     config still says gptq_v2): the reload shifts zero points; the round-trip check refuses it, one
@@ -257,7 +267,8 @@ def test_a_checkpoint_that_does_not_reload_as_quantized_is_refused(trained, tmp_
     ('{"text": "kubectl get pods"}\n', "calibration data too short"),
     ('{"text": "ok"}\nnot json\n', "invalid JSON line"),
 ])  # fmt: skip
-def test_bad_calibration_file_is_one_line_exit_2(trained, tmp_path, capsys, content, expect):
+def test_bad_calibration_file_is_one_line_exit_2(tiny_model, tmp_path, capsys, content, expect):
+    trained = tiny_model
     calib = tmp_path / "calib.jsonl"
     calib.write_text(content)
     code, _, err = cli(["quantize", "-m", str(trained), "-o", str(tmp_path / "out"), "--calib", str(calib),
@@ -267,7 +278,8 @@ def test_bad_calibration_file_is_one_line_exit_2(trained, tmp_path, capsys, cont
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_flags_and_recipe_keys_are_one_line(trained, tmp_path, capsys):
+def test_bad_flags_and_recipe_keys_are_one_line(tiny_model, tmp_path, capsys):
+    trained = tiny_model
     cases = [
         (["--bits", "3"], "--bits 3 is not supported — choose 4 or 8"),
         (["--calib", "no_such_set"], "dataset 'no_such_set' is not defined"),

@@ -32,7 +32,6 @@ DEVOPS_EXAM = {
 }
 # Chinese names of the bundled sample exam's subjects (devops_cli/assets/exam), for the headers
 ZH_NAMES = {"devops_practice": "开发运维实践", "linux_operations": "Linux运维"}
-BUNDLED_EXAM = Path(__file__).parent.parent / "assets" / "exam"
 HUB = {"cmmlu": "haonan-li/cmmlu", "ceval": "ceval/ceval-exam"}
 SCORED_SPLIT = {"cmmlu": "test", "ceval": "val"}
 CMMLU_HEADER = ["", "Question", "A", "B", "C", "D", "Answer"]

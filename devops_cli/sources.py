@@ -16,8 +16,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_hub_id(name: str) -> bool:
-    """owner/name that is not a local path (an existing folder of that name wins)."""
-    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+    """owner/name that is not a local path: neither the path nor its first part exists here (so
+    runs/tiny, with a runs/ folder but no tiny in it, is a missing folder, not a hub repo)."""
+    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists() and not Path(name.split("/")[0]).is_dir()
 
 
 def check_model_arg(name: str, where: str | None = None) -> None:
@@ -28,7 +29,7 @@ def check_model_arg(name: str, where: str | None = None) -> None:
         if not (path / "config.json").is_file():
             raise DevopsError(f"'{name}' has no config.json, so it is not a model directory", where)
         check_model_dir(path, where)
-    elif not HUB_ID.match(name):
+    elif not is_hub_id(name):
         hint = "build the tiny demo model with `devops-model tiny runs/tiny`" if "tiny" in name else "check the path"
         raise DevopsError(f"model directory '{name}' does not exist", where, hint)
 

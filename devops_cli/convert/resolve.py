@@ -23,7 +23,7 @@ from devops_cli.convert.qwen_v1 import (
 )
 from devops_cli.errors import DevopsError
 from devops_cli.hfcompat import NEW, OLD
-from devops_cli.sources import HUB_ID
+from devops_cli.sources import is_hub_id
 
 CACHE_ENV = "DEVOPS_MODEL_CONVERT_CACHE"  # a folder for converted models when next-to-source won't do
 
@@ -78,7 +78,7 @@ def _resolve(name_or_path: str, cache_dir: str | Path | None) -> str:
         if not is_qwen_v1(path):
             return name_or_path
         src, name = path, None
-    elif HUB_ID.match(name_or_path) and not path.exists() and (src := _hub_source(name_or_path)) is not None:
+    elif is_hub_id(name_or_path) and (src := _hub_source(name_or_path)) is not None:
         name = name_or_path.replace("/", "--")
     else:
         return name_or_path

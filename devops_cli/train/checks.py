@@ -12,7 +12,7 @@ from pathlib import Path
 from devops_cli import dataset_info, records
 from devops_cli.errors import DevopsError, DevopsErrors
 from devops_cli.outputs import writable_or_raise
-from devops_cli.sources import HUB_ID, hub_reachable
+from devops_cli.sources import hub_reachable, is_hub_id
 from devops_cli.train.launch import LOCK
 from devops_cli.train.recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved
 from devops_cli.weights import check_model_dir
@@ -94,7 +94,7 @@ def _model_problems(r: Recipe, errors: list, warnings: list) -> str | None:
             warnings.append(f"'{path}' is a Qwen v1 checkpoint: it is converted once to Qwen2 ({cache_path(path)})")
             return "qwen2"
         return model_type
-    if HUB_ID.match(r.model_name_or_path) and not Path(r.model_name_or_path.split("/")[0]).is_dir():
+    if is_hub_id(r.model_name_or_path):
         from huggingface_hub import constants, try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(r.model_name_or_path, "config.json"), str):

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from devops_cli.errors import DevopsError
-from devops_cli.sources import HUB_ID, hub_reachable
+from devops_cli.sources import hub_reachable, is_hub_id
 
 # DeepSpeed optimizers whose kernels need CUDA (fused / compressed ones)
 CUDA_OPTIMIZERS = {"onebitadam", "zerooneadam", "onebitlamb", "lamb", "fusedlamb", "fusedadam"}
@@ -88,7 +88,7 @@ def problems(r, launch, ds_config: dict | None) -> tuple[list[DevopsError], obje
             "set bf16=false fp16=true (Qwen may need a lower learning rate in fp16), or use an Ampere or newer GPU")
     # --- the model ----------------------------------------------------------------------------------
     name = r.model_name_or_path
-    if HUB_ID.match(name) and not Path(name).expanduser().exists():
+    if is_hub_id(name):
         from huggingface_hub import try_to_load_from_cache
 
         try:

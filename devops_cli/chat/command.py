@@ -155,14 +155,8 @@ def _answer(session, prompt: str | None, piped: str | None, json_output: bool, s
     message = prompt or ""
     if piped and piped.strip():
         log = loginput.clean(piped)
-        tok = session.tokenizer
-        scaffold = len(session.encode(session.messages(loginput.attach(message, "x")))[1])
-        budget = session.window() - scaffold - 4
-
-        def count(text: str) -> int:
-            return len(tok(text, add_special_tokens=False, split_special_tokens=True).input_ids)
-
-        log, notice = loginput.fit(log, budget, count)
+        scaffold = session.prompt_tokens(session.messages(loginput.attach(message, "x")))
+        log, notice = loginput.fit(log, session.window() - scaffold - 4, session.count_tokens)
         if notice:
             warn(notice)
         message = loginput.attach(message, log)

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from devops_cli.chat.prompt import PromptEncoder, context_length, stop_ids
 from devops_cli.chat.settings import SETTINGS, parse_setting
 from devops_cli.errors import DevopsError, first_line
 
@@ -88,10 +89,6 @@ class ChatSession:
     last_prompt: str = ""
     last_prompt_tokens: int = 0
     _executor: object = field(default=None, init=False, repr=False)
-    # text -> ids of the template pieces and message contents of the last prompt, so that a turn
-    # tokenizes only the new message (history, system prompt and template text are looked up)
-    _ids_cache: dict = field(default_factory=dict, init=False, repr=False)
-    _skeletons: dict = field(default_factory=dict, init=False, repr=False)  # (template, roles) -> skeleton
 
     def __post_init__(self):
         import torch
@@ -99,17 +96,9 @@ class ChatSession:
         if self.seed is None:
             self.seed = random.randrange(2**31)
         torch.manual_seed(self.seed)
-        tok = self.tokenizer
-        ids = set(_as_list(getattr(self.model.generation_config, "eos_token_id", None)))
-        ids.update(_as_list(tok.eos_token_id))
-        for special in ("<|im_end|>", "<|im_start|>", "<|endoftext|>"):
-            if special in (tok.chat_template or "") or special == tok.eos_token:
-                token_id = tok.convert_tokens_to_ids(special)
-                if isinstance(token_id, int) and token_id != tok.unk_token_id:
-                    ids.add(token_id)
-        self.stop_ids = sorted(i for i in ids if i is not None)
-        config = self.model.config
-        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "seq_length", None) or 2048
+        self.prompts = PromptEncoder(self.tokenizer, self.model_name)
+        self.stop_ids = stop_ids(self.model, self.tokenizer)
+        self.context = context_length(self.model.config)
         if self.settings.get("max_new_tokens", 0) > self.context - 16:  # a generation_config asking for more
             self.settings["max_new_tokens"] = self.context - 16
         self.decoder = "own loop"  # or the plain path's record, once the loop failed its self-check
@@ -167,68 +156,13 @@ class ChatSession:
         return msgs + [{"role": "user", "content": user}]
 
     def encode(self, messages: list[dict]) -> tuple[str, list[int]]:
-        """Rendered prompt text and its ids: template text encoded normally, message content with
-        special tokens split (Qwen v1 encodes role, newline and content separately the same way).
+        return self.prompts.encode(messages)
 
-        The template is rendered once per sequence of roles, with each content replaced by a mark;
-        the text between marks and every content but the last (the new message) are tokenized once
-        and then looked up, so a turn costs the tokenization of the new message only. The ids are
-        the same as tokenizing every piece afresh."""
-        tok = self.tokenizer
-        key = (tok.chat_template, tuple(m["role"] for m in messages))
-        skeleton = self._skeletons.get(key)
-        if skeleton is None:
-            marks = [f"\x00{i}\x00" for i in range(len(messages))]
-            masked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
-            try:
-                rendered = tok.apply_chat_template(masked, tokenize=False, add_generation_prompt=True)
-                if not all(rendered.count(mark) == 1 for mark in marks):  # the template transforms content
-                    rendered = False
-                else:
-                    parts = []
-                    for mark in marks:
-                        before, rendered = rendered.split(mark, 1)
-                        parts.append(before)
-                    rendered = (tuple(parts), rendered)
-            except Exception as e:  # jinja errors of a model's own template
-                raise DevopsError(
-                    f"the chat template of '{self.model_name}' failed: {first_line(e)}") from None
-            if len(self._skeletons) > 64:
-                self._skeletons.clear()
-            skeleton = self._skeletons[key] = rendered
-        if skeleton is False:
-            try:
-                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:
-                raise DevopsError(
-                    f"the chat template of '{self.model_name}' failed: {first_line(e)}") from None
-            return text, tok(text, add_special_tokens=False).input_ids
-        befores, rest = skeleton
-        old, cache = self._ids_cache, {}
+    def prompt_tokens(self, messages: list[dict]) -> int:
+        return len(self.encode(messages)[1])
 
-        def lookup(text: str, content: bool, new: bool = False) -> list[int]:
-            key = (content, text)
-            ids = None if new else old.get(key)
-            if ids is None:
-                ids = (tok(text, add_special_tokens=False, split_special_tokens=True) if content else
-                       tok(text, add_special_tokens=False)).input_ids
-            cache[key] = ids
-            return ids
-
-        ids: list[int] = []
-        pieces: list[str] = []
-        last = len(messages) - 1
-        for i, (before, message) in enumerate(zip(befores, messages, strict=True)):
-            content = message["content"]
-            pieces += [before, content]
-            if before:
-                ids += lookup(before, False)
-            if content:
-                ids += lookup(content, True, new=i == last)
-        if rest:
-            ids += lookup(rest, False)
-        self._ids_cache = cache  # only what this prompt used: the cache never outgrows one prompt
-        return "".join(pieces) + rest, ids
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
 
     def prepare(self, user: str) -> tuple[str, list[int], int]:
         """Prompt for `user` after the kept turns; drops the oldest turns until it fits the window."""
@@ -261,8 +195,7 @@ class ChatSession:
         self.turns.append(Turn(user, reply.text, reply.prompt_tokens, reply.completion_tokens,
                                round(reply.seconds, 3), reply.stopped))
         if reply.text:  # tokenized now, while the user reads, instead of in the next turn's TTFT
-            self._ids_cache[(True, reply.text)] = self.tokenizer(
-                reply.text, add_special_tokens=False, split_special_tokens=True).input_ids
+            self.prompts.remember(reply.text)
         return reply
 
     def regen(self, on_text=None, on_drop=None) -> Reply:
@@ -407,9 +340,3 @@ class ChatSession:
         self.turns, self.first_in_window = turns, 0
         self.system = state.get("system", self.system)
         self.settings.update(settings)
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple, set)) else [value]

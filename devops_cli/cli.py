@@ -18,6 +18,7 @@ from devops_cli.convert.command import convert_command
 from devops_cli.errors import DevopsError
 from devops_cli.eval.command import eval_command
 from devops_cli.quantize.command import quantize_command
+from devops_cli.serve.command import serve_command
 from devops_cli.tiny import tiny
 from devops_cli.train.command import export, keys, pt, sft
 
@@ -37,6 +38,7 @@ app.command()(sft)
 app.command("quantize")(quantize_command)
 app.command("eval")(eval_command)
 app.command("chat")(chat)
+app.command("serve")(serve_command)
 app.command("convert")(convert_command)
 app.command()(export)
 app.command()(tiny)

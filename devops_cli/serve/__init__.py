@@ -1,0 +1,1 @@
+"""`devops-model serve`: the OpenAI-compatible server."""

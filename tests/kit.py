@@ -3,6 +3,7 @@ and where the bundled sample exam lies."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from devops_cli.tiny import bundled_texts
@@ -36,3 +37,61 @@ def train_briefly(src: str | Path, out: str | Path, steps: int, block: int = 128
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return losses[0], losses[-1]
+
+
+class Served:
+    """`devops-model serve ARGS` as a real process on a free 127.0.0.1 port: `url`, `base` (…/v1),
+    `log()`; stop() sends SIGTERM and returns the exit code. Waits for /health to say ok."""
+
+    def __init__(self, *args: str, env: dict | None = None, ready_timeout: float = 120):
+        import os
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base = self.url + "/v1"
+        self._log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen([sys.executable, "-m", "devops_cli", "serve", "--port", str(self.port), *args],
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "COLUMNS": "200", **(env or {})})
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"serve not ready after {ready_timeout} s:\n{self.log()}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except Exception:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False

@@ -104,10 +104,11 @@ def _bind(host: str, port: int):
 
 def _run(o: ServeOptions, engine: str, sock) -> None:
     import asyncio
+    import signal
 
     import uvicorn
 
-    from devops_cli.console import quiet_imports
+    from devops_cli.console import info, quiet_imports
     from devops_cli.serve.app import Server, create_app
 
     quiet_imports()
@@ -121,7 +122,12 @@ def _run(o: ServeOptions, engine: str, sock) -> None:
                     cors_origins=[s.strip() for s in (o.cors_origin or "").split(",") if s.strip()])
     config = uvicorn.Config(create_app(server), log_level="info", timeout_graceful_shutdown=10,
                             timeout_keep_alive=30, lifespan="on")
+    # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found: a no-op one
+    # makes a drained shutdown exit 0 instead of dying of the signal
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    info("stopped")
 
 
 async def _load_model(o: ServeOptions, engine: str):

@@ -104,16 +104,17 @@ class BatchingEngine:
                                                                 max_requests_per_batch=max_concurrent))
         self.manager.start()
         self._ids = itertools.count()
+        self.vocab = int(model.config.get_text_config().vocab_size)
 
     async def stream(self, job: Job):
         out: asyncio.Queue = asyncio.Queue()
         rid = f"r{next(self._ids)}"
         self.manager.register_result_handler(rid, out.put_nowait)
-        greedy = job.temperature <= 0
+        greedy = job.temperature <= 0  # and its top_k 0 keeps one token: 'off' is the whole vocabulary
         added = self.manager.add_request(
             job.ids, request_id=rid, max_new_tokens=job.max_new_tokens, streaming=True,
             eos_token_id=list(job.stop_ids) or [-1], temperature=1.0 if greedy else float(job.temperature),
-            top_k=1 if greedy else (job.top_k or 0), top_p=1.0 if greedy else float(job.top_p))
+            top_k=1 if greedy else (job.top_k or self.vocab), top_p=1.0 if greedy else float(job.top_p))
         if added is None:
             raise RuntimeError("the batching engine refused the request (it is stopping)")
         sent, finished = 0, False

@@ -2,7 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := .[deepspeed,dev,quantize]
+EXTRAS := .[deepspeed,dev,quantize,serve]
 # requirements.lock: every Python package at the version the test suite passed on (written by
 # `make lock`, never by hand), except torch. Without a GPU, torch is pinned to the CPU build
 # (constraints.txt); with nvidia-smi on PATH pip picks the ordinary CUDA torch and its CUDA libraries.
@@ -11,7 +11,7 @@ LOCK   := $(CURDIR)/requirements.lock
 PIN    := $(if $(shell command -v nvidia-smi 2>/dev/null),,$(CURDIR)/constraints.txt)
 PYTEST ?= -q
 
-.PHONY: install test test-fast demo lint bench clean lock
+.PHONY: install test test-fast demo lint bench clean lock browser
 
 install: $(STAMP)
 
@@ -38,7 +38,13 @@ lock:
 	rm -rf $(NEW)
 	@echo "requirements.lock rewritten; 'git diff requirements.lock' shows what moved"
 
-test: $(STAMP)
+# the chat page's test drives Debian's chromium (Playwright cannot download a browser here)
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "no chromium: the chat page test will be skipped (apt-get install chromium)"; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST)
 
 # everything but the tests marked slow (worker launches, GPTQ, the full exam, models loaded in fresh
@@ -76,6 +82,12 @@ demo: $(STAMP)
 	@echo; echo "chat, one-shot, with the int4 GPTQ model of the same weights ($(DEMO)/int4):"
 	$(DM) chat --model $(DEMO)/int4 --prompt "How do I find out why a pod keeps restarting?" \
 	  --max-new-tokens 64 --seed 0 --temperature 0.7 --top-p 0.9 --repetition-penalty 1.2
+	@echo; echo "serve: the sft model behind an OpenAI-compatible API, one question with curl, then stopped:"
+	@$(DM) serve --model $(DEMO)/sft-merged --served-model-name demo --port 8765 > $(DEMO)/serve.log 2>&1 & pid=$$!; \
+	for i in $$(seq 120); do curl -sf http://127.0.0.1:8765/health >/dev/null && break; sleep 1; done; \
+	curl -sf http://127.0.0.1:8765/v1/chat/completions -H 'Content-Type: application/json' \
+	  -d '{"model": "demo", "messages": [{"role": "user", "content": "How do I find out why a pod keeps restarting?"}], "max_tokens": 48, "temperature": 0}'; \
+	rc=$$?; echo; kill -TERM $$pid; wait $$pid; echo "serve stopped (exit $$?), log: $(DEMO)/serve.log"; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check devops_cli tests bench

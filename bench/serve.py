@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--per-client", type=int, default=4)
     p.add_argument("--engine", default="hf")
+    p.add_argument("--serve-arg", action="append", default=[], help="more serve flags, e.g. --serve-arg=--kv-cache-tokens=16384")
     a = p.parse_args()
 
     from kit import Served
@@ -84,7 +85,7 @@ def main() -> None:
 
         model = str(build(Path(tempfile.mkdtemp()) / "tiny"))
     with Served("--model", model, "--served-model-name", "bench", "--engine", a.engine,
-                "--max-concurrent", str(max(16, a.clients)), "--max-queue", "256") as server:
+                "--max-concurrent", str(max(16, a.clients)), "--max-queue", "256", *a.serve_arg) as server:
         requests = list(range(a.requests))
         asyncio.run(run(server.base, "bench", 4, requests[:8], a.tokens))  # warm-up, not counted
         rows = []

@@ -9,10 +9,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from conftest import run_cli
 from kit import Served
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # server processes
 
 KEY = "test-key-0123456789"
 QUESTION = "How do I find out why a pod keeps restarting?"
@@ -161,6 +163,10 @@ def test_refusals_before_anything_loads(tiny_model, tmp_path):
     assert "API key" in r.stderr and "--api-key" in r.stderr
     r = run_cli("serve", "--model", str(tiny_model), "--engine", "tgi")
     assert r.returncode == 2 and "hf | serial | vllm" in r.stderr
+    recipe = tmp_path / "serve.yaml"
+    recipe.write_text(f"model: {tiny_model}\nport: 8000\nmax_concurent: 4\n")
+    r = run_cli("serve", str(recipe))
+    assert r.returncode == 2 and f"{recipe}:3" in r.stderr and "max_concurrent" in r.stderr
 
 
 def test_vllm_dry_run_prepares_the_argv(tiny_model, tmp_path):
@@ -174,3 +180,73 @@ def test_vllm_dry_run_prepares_the_argv(tiny_model, tmp_path):
     assert KEY not in r.stdout and not (tmp_path / "runs").exists()  # a dry run writes nothing
     r = run_cli("serve", "--model", str(tiny_model), "--engine", "vllm", "--vllm", str(tmp_path / "none"))
     assert r.returncode == 2 and "--vllm" in r.stderr
+
+
+def test_chat_url_one_shot_piped_and_repl(server, client, tmp_path):
+    url = ["--url", server.base, "--temperature", "0", "--max-new-tokens", "16"]
+    r = run_cli("chat", *url, "--prompt", QUESTION, "--json")
+    assert r.returncode == 0, r.stderr
+    remote = json.loads(r.stdout)
+    served = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=16, temperature=0)
+    assert remote["reply"] == served.choices[0].message.content
+    assert remote["prompt_tokens"] == served.usage.prompt_tokens  # the server's own count
+    r = run_cli("chat", *url, "--prompt", "why does it crash?", "--json", input="OOMKilled: exit code 137\n")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["prompt_tokens"] > remote["prompt_tokens"] - 10  # the log went with it
+
+    from test_chat_repl import Repl
+
+    repl = Repl(tmp_path, *url)
+    repl.say("What is a Deployment?")
+    repl.say("And a StatefulSet?")
+    history = repl.command("/history", "2. you")
+    assert "1. you" in history
+    repl.child.sendeof()
+    repl.child.expect(pexpect_eof())
+
+
+def pexpect_eof():
+    import pexpect
+
+    return pexpect.EOF
+
+
+def test_chat_url_errors_are_one_line(server):
+    r = run_cli("chat", "--url", "http://127.0.0.1:1/v1", "--prompt", "hi")
+    assert r.returncode == 2 and "cannot reach" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("chat", "--url", server.base, "--served-model-name", "nope", "--prompt", "hi")
+    assert r.returncode == 2 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_concurrent_greedy_replies_equal_each_alone(server, client):
+    """16 streams at once through continuous batching: no error, every reply complete, and each one
+    the same tokens as the same request sent alone."""
+    import concurrent.futures
+
+    def ask(i: int, stream: bool):
+        messages = [{"role": "user", "content": f"Request {i}: {QUESTION}"}]
+        if not stream:
+            return client.chat.completions.create(model="tiny", messages=messages, max_tokens=32, temperature=0)
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=32, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+
+    alone = [ask(i, False) for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda i: ask(i, True), range(16)))
+    for a, (text, usage) in zip(alone, together):
+        assert text == a.choices[0].message.content
+        assert usage.completion_tokens == a.usage.completion_tokens
+        assert a.choices[0].finish_reason == "stop" or a.usage.completion_tokens == 32
+
+
+
+def test_vllm_engine_runs_the_executable_and_returns_its_code(tiny_model, tmp_path):
+    fake = tmp_path / "vllm"
+    fake.write_text('#!/bin/sh\necho "vllm got: $*"\nexit 3\n')
+    fake.chmod(0o755)
+    r = run_cli("serve", "--model", str(tiny_model), "--engine", "vllm", "--vllm", str(fake), "--port", "9001",
+                cwd=tmp_path)
+    assert r.returncode == 3, r.stderr
+    assert f"vllm got: serve {tiny_model} --host 127.0.0.1 --port 9001" in r.stdout

@@ -8,12 +8,14 @@ import json
 import shutil
 
 import pytest
+
 from kit import Served
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (`apt-get install chromium`; .ci/run does it)")
 KEY = "page-key-0123456789"
+pytestmark = [pytestmark, pytest.mark.slow]  # a server process and a browser
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,9 @@ def chat(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps", rich_help_panel="Model")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", rich_help_panel="Model")] = False,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="tokens, seconds and tokens/s after each reply")] = True,
+    url: Annotated[str | None, typer.Option("--url", help="an OpenAI-compatible server instead of local weights: http://host:8000/v1", show_default=False, rich_help_panel="Server")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="the server's key (default: $DEVOPS_MODEL_API_KEY)", show_default=False, rich_help_panel="Server")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="the server's model name (default: the first it lists)", show_default=False, rich_help_panel="Server")] = None,
 ) -> None:
     """Chat with a model: streaming Markdown REPL; [bold]--prompt[/] or piped stdin answers once.
 
@@ -57,7 +60,10 @@ def chat(
     if not interactive and prompt is None and not (piped or "").strip():
         raise DevopsError("nothing to answer: stdin was empty", hint="pass --prompt TEXT, or run in a terminal to chat")
 
-    session = _session(model, adapter, system, overrides, seed, max_window, dtype, device, trust_remote_code)
+    if url is not None:
+        session = _remote(url, api_key, served_model_name or model, adapter, system, overrides, seed, max_window)
+    else:
+        session = _session(model, adapter, system, overrides, seed, max_window, dtype, device, trust_remote_code)
     if interactive:
         from devops_cli.chat.repl import Repl
 
@@ -85,6 +91,31 @@ def _session(model, adapter, system, overrides, seed, max_window, dtype, device,
                           system=DEFAULT_SYSTEM if system is None else system, seed=seed, max_window=max_window,
                           adapter=str(adapter) if adapter else None)
     if overrides.get("max_new_tokens") is not None:  # the limits that need the model, as /set has them
+        try:
+            session.check("max_new_tokens", overrides["max_new_tokens"])
+        except DevopsError as e:
+            raise DevopsError(e.message, "--max-new-tokens", e.hint) from None
+    return session
+
+
+def _remote(url, api_key, name, adapter, system, overrides, seed, max_window):
+    import os
+
+    from devops_cli.chat.remote import RemoteSession
+    from devops_cli.templates import DEFAULT_SYSTEM
+
+    if not url.startswith(("http://", "https://")):
+        raise DevopsError(f"--url '{url}' is not an http(s) URL", "--url", "e.g. http://127.0.0.1:8000/v1")
+    if adapter is not None:
+        raise DevopsError("--adapter loads local weights; a server serves its own", "--adapter",
+                          "serve the adapter (devops-model serve --adapter DIR) and chat --url with it")
+    settings = {"max_new_tokens": 512, **{k: v for k, v in overrides.items() if v is not None}}
+    if overrides.get("temperature") is not None:
+        settings["do_sample"] = overrides["temperature"] > 0
+    session = RemoteSession(None, None, model_name=name or "", settings=settings,
+                            system=DEFAULT_SYSTEM if system is None else system, seed=seed, max_window=max_window,
+                            url=url, api_key=api_key or os.environ.get("DEVOPS_MODEL_API_KEY") or None)
+    if overrides.get("max_new_tokens") is not None:
         try:
             session.check("max_new_tokens", overrides["max_new_tokens"])
         except DevopsError as e:

@@ -195,8 +195,11 @@ class ChatSession:
         self.turns.append(Turn(user, reply.text, reply.prompt_tokens, reply.completion_tokens,
                                round(reply.seconds, 3), reply.stopped))
         if reply.text:  # tokenized now, while the user reads, instead of in the next turn's TTFT
-            self.prompts.remember(reply.text)
+            self.remember(reply.text)
         return reply
+
+    def remember(self, text: str) -> None:
+        self.prompts.remember(text)
 
     def regen(self, on_text=None, on_drop=None) -> Reply:
         """Drop the last reply and answer its question again."""

@@ -27,6 +27,8 @@ class ServeOptions:
     system: str | None = opt(None, "system prompt for chats that send none", shown='"You are a helpful assistant."')
     max_concurrent: int = opt(16, "requests generating at once")
     max_queue: int = opt(64, "requests waiting beyond those; more get 429")
+    kv_cache_tokens: int | None = opt(None, "tokens the KV cache holds (hf engine)",
+                                      shown="GPU: sized from free memory; CPU: max_concurrent x 2048")
     max_body_mb: float = opt(4.0, "largest request body in MB (413 beyond)")
     engine: str = opt("auto", "auto | hf | serial | vllm (auto: vllm on a CUDA machine where it is installed, else hf)")
     vllm: str | None = opt(None, "a vllm executable or the python of its venv", shown="vllm on PATH")
@@ -48,6 +50,8 @@ def check(o: ServeOptions, where) -> None:
     for name in ("max_concurrent", "max_queue"):
         if getattr(o, name) < (1 if name == "max_concurrent" else 0):
             raise DevopsError(f"{name} must be >= {1 if name == 'max_concurrent' else 0}", where("--" + name.replace("_", "-")))
+    if o.kv_cache_tokens is not None and o.kv_cache_tokens < 256:
+        raise DevopsError("kv_cache_tokens must be >= 256", where("--kv-cache-tokens"))
     if o.max_body_mb <= 0:
         raise DevopsError("max_body_mb must be > 0", where("--max-body-mb"))
     if o.host not in LOCAL and not o.api_key:
@@ -134,6 +138,8 @@ async def _load_model(o: ServeOptions, engine: str):
     import asyncio
     from pathlib import Path
 
+    from transformers.utils import logging as hf_logging
+
     from devops_cli.chat.command import load
     from devops_cli.chat.prompt import PromptEncoder, context_length, stop_ids
     from devops_cli.chat.settings import settings_from
@@ -141,8 +147,6 @@ async def _load_model(o: ServeOptions, engine: str):
     from devops_cli.serve.app import Loaded
     from devops_cli.serve.engine import start_engine
     from devops_cli.templates import DEFAULT_SYSTEM
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -157,7 +161,8 @@ async def _load_model(o: ServeOptions, engine: str):
              "continuous batching does not apply: serving one request at a time with it (--engine serial)")
         engine = "serial"
     check_ids = prompts.encode([{"role": "system", "content": system}, {"role": "user", "content": "Hello"}])[1]
-    chosen = await start_engine(engine if engine == "serial" else "hf", model, stops, o.max_concurrent, check_ids)
+    chosen = await start_engine(engine if engine == "serial" else "hf", model, stops, o.max_concurrent, check_ids,
+                                o.kv_cache_tokens)
     info(f"ready: {base}{f' + {o.adapter}' if o.adapter else ''} on {model.device}, engine: {chosen.name}")
     return Loaded(model, tok, prompts, stops, context_length(model.config), defaults, system, chosen)
 

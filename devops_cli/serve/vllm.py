@@ -131,7 +131,10 @@ def run(o, exe: str | None) -> int:
         return 0
     cmd, steps = argv(o, exe, prepare=True)
     info(f"engine vllm: {shown(cmd)}")
+    import signal
+
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=False)
+    signal.signal(signal.SIGTERM, lambda *_: child.terminate())  # vLLM shuts down on SIGTERM; we wait for it
     try:
         return child.wait()
     except KeyboardInterrupt:  # Ctrl-C reached vLLM too (same process group): let it shut down

@@ -1,0 +1,134 @@
+"""`chat --url`: the chat session against any OpenAI-compatible server (devops-model serve, vLLM,
+ollama's /v1) instead of local weights. The conversation, window, /commands and transcripts are
+ChatSession's; the prompt is rendered and counted by the server, so token counts before a reply are
+estimates (4 characters a token) and the counts after it are the server's own `usage`. No torch."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from devops_cli.chat.session import ChatSession, Reply
+from devops_cli.errors import DevopsError
+
+CHARS_PER_TOKEN = 4
+
+
+def _request(url: str, key: str | None, body: dict | None = None, timeout: float = 30):
+    headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("error", {}).get("message") or e.reason
+        except (ValueError, AttributeError):
+            message = e.reason
+        hint = "pass the server's key: --api-key KEY (or DEVOPS_MODEL_API_KEY)" if e.code == 401 else None
+        raise DevopsError(f"{url}: HTTP {e.code}: {message}", hint=hint) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DevopsError(f"cannot reach {url}: {reason}",
+                          hint="check --url (e.g. http://127.0.0.1:8000/v1) and that the server is running") from None
+
+
+def models(base: str, key: str | None, wait: float = 300) -> list[dict]:
+    """The server's model list; a server still loading its model (503) is waited for."""
+    deadline, told = time.monotonic() + wait, False
+    while True:
+        try:
+            response = _request(base + "/models", key)
+            break
+        except DevopsError as e:
+            if "HTTP 503" not in e.message or time.monotonic() > deadline:
+                raise
+            if not told:
+                from devops_cli.console import info
+
+                info(f"{base}: the server is loading its model; waiting")
+                told = True
+            time.sleep(1)
+    with response as r:
+        try:
+            return json.loads(r.read()).get("data") or []
+        except ValueError:
+            raise DevopsError(f"{base}/models did not answer JSON: is --url the API's /v1 base?") from None
+
+
+@dataclass
+class RemoteSession(ChatSession):
+    url: str = ""
+    api_key: str | None = None
+
+    def __post_init__(self):
+        self.url = self.url.rstrip("/")
+        if self.seed is None:
+            self.seed = random.randrange(2**31)
+        listed = models(self.url, self.api_key)
+        names = [m.get("id") for m in listed]
+        if not self.model_name:
+            if not names:
+                raise DevopsError(f"{self.url}/models lists no model", hint="pass --served-model-name NAME")
+            self.model_name = names[0]
+        entry = next((m for m in listed if m.get("id") == self.model_name), {})
+        self.context = int(entry.get("max_model_len") or 32768)
+        self.stop_ids = []
+        self.decoder = f"remote ({self.url})"
+        self._messages: list[dict] = []
+
+    def describe(self) -> dict:
+        return {**super().describe(), "server": self.url}
+
+    def encode(self, messages: list[dict]) -> tuple[str, list[int]]:
+        self._messages = messages  # the last prompt prepare() settled on is the one sent
+        text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages)
+        return text, [0] * (len(text) // CHARS_PER_TOKEN + 4 * len(messages))
+
+    def remember(self, text: str) -> None:
+        pass  # the server tokenizes
+
+    def count_tokens(self, text: str) -> int:
+        return len(text) // CHARS_PER_TOKEN
+
+    def _generate(self, ids: list[int], on_text, start: float) -> Reply:
+        s = self.settings
+        body = {"model": self.model_name, "messages": self._messages, "stream": True,
+                "stream_options": {"include_usage": True}, "max_tokens": s["max_new_tokens"], "seed": self.seed}
+        if "temperature" in s:
+            body["temperature"] = s["temperature"] if s.get("do_sample", True) else 0.0
+        if "top_p" in s:
+            body["top_p"] = s["top_p"]
+        text, first, usage, stopped = "", None, {}, False
+        response = _request(self.url + "/chat/completions", self.api_key, body, timeout=600)
+        try:
+            for raw in response:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("error"):
+                    raise DevopsError(f"{self.url}: {chunk['error'].get('message')}")
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content")
+                    if delta:
+                        if first is None:
+                            first = time.perf_counter() - start
+                        text += delta
+                        if on_text is not None:
+                            on_text(delta, text)
+        except KeyboardInterrupt:
+            stopped = True  # closing the stream cancels the request on the server
+        finally:
+            response.close()
+        return Reply(text, usage.get("prompt_tokens", len(ids)), usage.get("completion_tokens", 0),
+                     time.perf_counter() - start, first, stopped=stopped)

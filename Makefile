@@ -83,11 +83,13 @@ demo: $(STAMP)
 	$(DM) chat --model $(DEMO)/int4 --prompt "How do I find out why a pod keeps restarting?" \
 	  --max-new-tokens 64 --seed 0 --temperature 0.7 --top-p 0.9 --repetition-penalty 1.2
 	@echo; echo "serve: the sft model behind an OpenAI-compatible API, one question with curl, then stopped:"
-	@$(DM) serve --model $(DEMO)/sft-merged --served-model-name demo --port 8765 > $(DEMO)/serve.log 2>&1 & pid=$$!; \
-	for i in $$(seq 120); do curl -sf http://127.0.0.1:8765/health >/dev/null && break; sleep 1; done; \
-	curl -sf http://127.0.0.1:8765/v1/chat/completions -H 'Content-Type: application/json' \
+	@port=$$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
+	$(DM) serve --model $(DEMO)/sft-merged --served-model-name demo --port $$port > $(DEMO)/serve.log 2>&1 & pid=$$!; \
+	for i in $$(seq 180); do curl -sf http://127.0.0.1:$$port/health >/dev/null && break; kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
+	echo "$$ curl http://127.0.0.1:$$port/v1/chat/completions ..."; \
+	curl -sS --fail-with-body http://127.0.0.1:$$port/v1/chat/completions -H 'Content-Type: application/json' \
 	  -d '{"model": "demo", "messages": [{"role": "user", "content": "How do I find out why a pod keeps restarting?"}], "max_tokens": 48, "temperature": 0}'; \
-	rc=$$?; echo; kill -TERM $$pid; wait $$pid; echo "serve stopped (exit $$?), log: $(DEMO)/serve.log"; exit $$rc
+	rc=$$?; echo; kill -TERM $$pid 2>/dev/null; wait $$pid; echo "serve stopped (exit $$?), log: $(DEMO)/serve.log"; exit $$rc
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check devops_cli tests bench

@@ -40,7 +40,7 @@ def test_qwen_v1_is_sized_as_its_qwen2_conversion():
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", [p for p in SHIPPED if "stage" in p.read_text()]  # training recipes (not eval/serve), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in SHIPPED if "stage" in p.read_text()], ids=lambda p: p.name)
 def test_every_shipped_recipe_has_a_memory_plan(path, tiny_model, capsys):
     overrides = [] if path.name[0].isdigit() else [f"model_name_or_path={tiny_model}"]
     r = recipe.load(path, overrides)

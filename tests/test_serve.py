@@ -178,6 +178,8 @@ def test_vllm_dry_run_prepares_the_argv(tiny_model, tmp_path):
     assert argv[argv.index("--served-model-name") + 1] == "team-model"
     assert argv[argv.index("--port") + 1] == "9000" and argv[argv.index("--api-key") + 1] == "'***'"
     assert KEY not in r.stdout and not (tmp_path / "runs").exists()  # a dry run writes nothing
+    r = run_cli("serve", "--model", str(tiny_model), "--engine", "vllm", "--dry-run", env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("vllm serve ")  # vLLM not needed here
     r = run_cli("serve", "--model", str(tiny_model), "--engine", "vllm", "--vllm", str(tmp_path / "none"))
     assert r.returncode == 2 and "--vllm" in r.stderr
 

@@ -78,7 +78,7 @@ def serve(o: ServeOptions, where) -> None:
     if engine in ("auto", "vllm"):
         from devops_cli.serve import vllm
 
-        exe = vllm.find(o.vllm, required=engine == "vllm")
+        exe = vllm.find(o.vllm, required=engine == "vllm" and not o.dry_run)  # a dry run needs no vLLM here
         if engine == "vllm" or (exe and vllm.cuda_present()):
             raise SystemExit(vllm.run(o, exe))
         engine = "hf"

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from devops_cli.chat.prompt import PromptEncoder, context_length, stop_ids
 from devops_cli.chat.settings import SETTINGS, parse_setting
+from devops_cli.chat.textstream import TextStream
 from devops_cli.errors import DevopsError, first_line
 
 _FRAME = 0.02  # seconds between text updates while streaming
@@ -240,8 +241,7 @@ class ChatSession:
 
         future = self._worker().submit(work)
         out: list[int] = []
-        shown = stable = ""
-        mark = 0
+        shown = TextStream(self._decode)  # what the user has seen
         first = None
         stopped = False
         finished = False
@@ -260,13 +260,9 @@ class ChatSession:
                         if tokens.queue.empty():
                             break
                     if not stopped and on_text is not None:
-                        text = stable + self._decode(out[mark:])  # decode only since the last whitespace
-                        if text != shown and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                            delta = text[len(shown):] if text.startswith(shown) else text
-                            shown = text
-                            on_text(delta, text)
-                            if text.endswith((" ", "\n")):
-                                stable, mark = text, len(out)
+                        delta = shown.add(out[len(shown.ids):])
+                        if delta:
+                            on_text(delta, shown.text)
                     if not finished:
                         tokens.done.wait(_FRAME)  # let tokens gather: at most ~50 updates a second
                 except KeyboardInterrupt:
@@ -288,10 +284,10 @@ class ChatSession:
             raise DevopsError(f"generation failed: {type(e).__name__}: {first_line(e)}")
         completion = [i for i in out if i not in self.stop_ids]
         text = self._decode(completion)
-        if on_text is not None and text != shown and text.startswith(shown) and not stopped:
-            on_text(text[len(shown):], text)  # what was held back: a trailing partial character
+        if on_text is not None and text != shown.text and text.startswith(shown.text) and not stopped:
+            on_text(text[len(shown.text):], text)  # what was held back: a trailing partial character
         if stopped and on_text is not None:
-            text = shown  # the reply is what the user saw
+            text = shown.text  # the reply is what the user saw
         return Reply(text, len(ids), len(out), seconds, first, stopped=stopped)
 
     def _start_self_check(self):

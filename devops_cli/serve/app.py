@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from devops_cli.chat.textstream import TextStream
 from devops_cli.serve.api import ChatRequest, CompletionRequest, error_body, validation_message
 from devops_cli.serve.engine import Job
 from devops_cli.serve.metrics import Metrics
@@ -69,12 +70,15 @@ def create_app(server: Server) -> FastAPI:
             await asyncio.to_thread(server.loaded.engine.close)
 
     app = FastAPI(title="devops-model", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # plain ASGI middleware (Starlette's BaseHTTPMiddleware costs a task and a stream per chunk); the
+    # last added runs first: CORS answers preflights before the key check, the key check before the body
+    app.add_middleware(BodyLimit, limit=server.max_body)
+    app.add_middleware(KeyCheck, server=server)
     if server.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(BodyLimit, limit=server.max_body)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -86,17 +90,6 @@ def create_app(server: Server) -> FastAPI:
         message, param = validation_message(e.errors())
         server.metrics.requests.labels(request.url.path, "400").inc()
         return JSONResponse(error_body(message, param=param), status_code=400)
-
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if request.url.path.startswith("/v1/") and server.api_key is not None:
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), server.api_key.encode()):
-                server.metrics.requests.labels(request.url.path, "401").inc()
-                return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                               "authentication_error", code="invalid_api_key"), status_code=401)
-        return await call_next(request)
 
     @app.get("/health")
     async def health():
@@ -224,6 +217,15 @@ class _Generation:
         return {"prompt_tokens": len(self.job.ids), "completion_tokens": len(self.tokens),
                 "total_tokens": len(self.job.ids) + len(self.tokens)}
 
+    def _take(self, whole: str) -> str:
+        """The text `whole` adds to what was sent, cut at the first stop string."""
+        cut = min((i for i in (whole.find(s, max(0, len(self.text) - len(s))) for s in self.stops) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            whole, self.finish = whole[:cut], "stop"
+        delta, self.text = whole[len(self.text):], whole
+        return delta
+
     async def run(self):
         """Yields each new piece of text."""
         server, loaded = self.server, self.server.loaded
@@ -234,7 +236,7 @@ class _Generation:
         server.in_flight += 1
         m.waiting.inc()
         waiting = True
-        decode = loaded.tokenizer.decode
+        text = TextStream(lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True))
         try:
             async for new in loaded.engine.stream(self.job):
                 now = time.perf_counter()
@@ -249,18 +251,17 @@ class _Generation:
                 self.tokens += new
                 if self.tokens[-1] in stop_ids:
                     self.finish = "stop"
-                text = decode([t for t in self.tokens if t not in stop_ids], skip_special_tokens=True)
-                if text.endswith("\ufffd") and self.finish != "stop":
-                    continue  # wait for the rest of a character
-                cut = min((i for i in (text.find(s, max(0, len(self.text) - len(s))) for s in self.stops) if i >= 0),
-                          default=-1)
-                if cut >= 0:
-                    text, self.finish = text[:cut], "stop"
-                delta, self.text = text[len(self.text):], text
-                if delta:
+                text.add([t for t in new if t not in stop_ids])
+                if self.finish == "stop":
+                    text.finish()
+                if delta := self._take(text.text):
                     yield delta
-                if cut >= 0 or self.finish == "stop":
+                if self.finish == "stop":
                     break
+            else:  # the engine stopped at max_tokens: the rest, a held-back partial character too
+                text.finish()
+                if delta := self._take(text.text):
+                    yield delta
         finally:
             server.in_flight -= 1
             (m.waiting if waiting else m.running).dec()
@@ -305,6 +306,33 @@ async def _sse(generation: _Generation, rid: str, name: str, kind: str, usage: b
         generation.server.metrics.requests.labels(path, status).inc()
 
 
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class KeyCheck:
+    """ASGI middleware: with an API key set, /v1/ requests without 'Authorization: Bearer KEY' get 401
+    (compared in constant time)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        key = self.server.api_key
+        if scope["type"] == "http" and key is not None and scope["path"].startswith("/v1/"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, key.encode()):
+                self.server.metrics.requests.labels(scope["path"], "401").inc()
+                return await _send_json(send, 401, error_body(
+                    "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error",
+                    code="invalid_api_key"))
+        return await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it."""
 
@@ -333,11 +361,8 @@ class BodyLimit:
             await self._refuse(send)
 
     async def _refuse(self, send):
-        body = json.dumps(error_body(f"request body over {self.limit} bytes", param=None,
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 413, error_body(f"request body over {self.limit} bytes", param=None,
+                                               code="request_too_large"))
 
 
 class _TooLarge(Exception):

@@ -122,6 +122,8 @@ class BatchingEngine:
         try:
             while not finished:
                 result = await out.get()
+                while not result.is_finished() and not result.error and not out.empty():
+                    result = out.get_nowait()  # the reader fell behind: the newest result carries all tokens
                 if result.error:
                     raise RuntimeError(f"generation failed: {result.error}")
                 tokens = result.generated_tokens

@@ -20,7 +20,7 @@ from devops_cli.eval.command import eval_command
 from devops_cli.quantize.command import quantize_command
 from devops_cli.serve.command import serve_command
 from devops_cli.tiny import tiny
-from devops_cli.train.command import export, keys, pt, sft
+from devops_cli.train.command import dpo, export, keys, pt, sft
 
 app = typer.Typer(
     name="devops-model",
@@ -35,6 +35,7 @@ app = typer.Typer(
 # the workflow's order: train, compress, measure, use; then the tools around it
 app.command()(pt)
 app.command()(sft)
+app.command()(dpo)
 app.command("quantize")(quantize_command)
 app.command("eval")(eval_command)
 app.command("chat")(chat)

@@ -5,6 +5,10 @@
                                "history": "history"}},
      "chats":     {"file_name": "chats.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"}},
      "corpus":    {"file_name": "corpus.txt", "stage": "pt"},
+     "pairs":     {"file_name": "pairs.jsonl", "ranking": true,  # dpo: prompt/query + chosen/rejected
+                   "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
+     "kto":       {"file_name": "kto.jsonl", "ranking": true, "formatting": "sharegpt",
+                   "columns": {"messages": "messages", "kto_tag": "kto_tag"}},
      "hub":       {"hf_hub_url": "org/name", "split": "train"}}
 
 Light on purpose (no torch / datasets import): the pre-launch checks read it too.
@@ -22,14 +26,16 @@ from devops_cli.errors import DevopsError, did_you_mean
 BUNDLED_DIR = Path(__file__).parent / "assets" / "data"
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 ENTRY_KEYS = {"file_name", "hf_hub_url", "script_url", "file_sha1", "stage", "formatting", "columns",
-              "tags", "split", "subset"}  # fmt: skip
-COLUMN_KEYS = {"prompt", "query", "response", "history", "system", "messages"}
+              "tags", "split", "subset", "ranking"}  # fmt: skip
+COLUMN_KEYS = {"prompt", "query", "response", "history", "system", "messages", "chosen", "rejected", "kto_tag"}
+RANKING_STAGE = "dpo"  # the stage that trains on "ranking": true datasets (preference pairs, KTO tags)
 DEFAULT_COLUMNS = {
     "pt": {"prompt": "text"},
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
                "system": "system"},
     "sharegpt": {"messages": "messages"},
 }  # fmt: skip
+RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}  # added for ranking datasets (not KTO ones)
 DEFAULT_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                 "assistant_tag": "assistant", "system_tag": "system"}  # fmt: skip
 
@@ -48,6 +54,11 @@ class DatasetEntry:
     explicit: set[str] = field(default_factory=set)  # column roles the user named
     tags: dict[str, str] = field(default_factory=dict)
     sha1: str | None = None
+    ranking: bool = False  # preference data: chosen/rejected pairs, or single answers with a kto_tag
+
+    @property
+    def kto(self) -> bool:
+        return self.ranking and "kto_tag" in self.explicit
 
 
 def resolve_dir(dataset_dir: str) -> Path:
@@ -86,21 +97,37 @@ def resolve(name: str, dataset_dir: str, stage: str, where: str) -> DatasetEntry
     if unknown:
         raise DevopsError(f"unknown entry key(s) {', '.join(sorted(unknown))}", loc,
                           f"allowed: {', '.join(sorted(ENTRY_KEYS))}")
+    ranking = raw.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise DevopsError(f"ranking must be true or false, got {ranking!r}", loc)
+    if ranking and stage != RANKING_STAGE:
+        raise DevopsError(f"dataset is a ranking (preference) dataset; the recipe trains stage {stage}", loc,
+                          f"train it with `devops-model {RANKING_STAGE}`, or name a {stage} dataset")
+    if stage == RANKING_STAGE and not ranking:
+        raise DevopsError(f"dataset is not a ranking dataset: {RANKING_STAGE} trains on preferences", loc,
+                          'mark a preference dataset "ranking": true, with chosen/rejected (or kto_tag) columns')
     if raw.get("stage", stage) != stage:
         raise DevopsError(f"dataset is for stage {raw['stage']}, the recipe trains stage {stage}", loc,
                           f"use a {stage} dataset")
     columns = raw.get("columns") or {}
     if not isinstance(columns, dict) or set(columns) - COLUMN_KEYS:
         raise DevopsError(f"columns must map some of {', '.join(sorted(COLUMN_KEYS))} to column names", loc)
+    if not ranking and set(columns) & {"chosen", "rejected", "kto_tag"}:
+        raise DevopsError("chosen/rejected/kto_tag columns belong to a ranking dataset", loc,
+                          f'add "ranking": true and train it with `devops-model {RANKING_STAGE}`')
     formatting = raw.get("formatting") or ("sharegpt" if "messages" in columns else "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
         raise DevopsError(f"formatting '{formatting}' is not alpaca or sharegpt", loc)
+    if ranking and "kto_tag" in columns and (formatting != "sharegpt" or set(columns) & {"chosen", "rejected"}):
+        raise DevopsError("a KTO dataset is sharegpt messages (ending with the answer) and a kto_tag column", loc,
+                          'use "formatting": "sharegpt", "columns": {"messages": ..., "kto_tag": ...}')
     if stage == "pt":
         formatting = "pt"
+    defaults = {**DEFAULT_COLUMNS[formatting], **(RANKING_COLUMNS if ranking and "kto_tag" not in columns else {})}
     entry = DatasetEntry(name=name, where=loc, formatting=formatting, split=raw.get("split", "train"),
                          subset=raw.get("subset"), sha1=raw.get("file_sha1"),
-                         columns={**DEFAULT_COLUMNS[formatting], **columns}, explicit=set(columns),
-                         tags={**DEFAULT_TAGS, **(raw.get("tags") or {})})
+                         columns={**defaults, **columns}, explicit=set(columns),
+                         tags={**DEFAULT_TAGS, **(raw.get("tags") or {})}, ranking=ranking)
     if "file_name" in raw:
         path = info.parent / raw["file_name"]
         files = sorted(p for p in path.iterdir() if p.suffix in LOADERS) if path.is_dir() else [path]

@@ -89,13 +89,19 @@ def json_records(path: Path):
 
 
 def _json(entry: DatasetEntry, path: Path):
-    seen = False
+    seen = same = 0
     for where, record, problem in json_records(path):
-        seen = True
-        for message in [problem] if problem else record_problems(entry, record):
+        seen += 1
+        found = [problem] if problem else record_problems(entry, record)
+        for message in found:
             yield where, message
+        if not found and entry.ranking and not entry.kto:
+            same += record[entry.columns["chosen"]] == record[entry.columns["rejected"]]
     if not seen:
         yield str(path), "no records"
+    elif same == seen:
+        yield str(path), (f"chosen equals rejected in every record ({seen}): there is no preference to learn — "
+                          f"check the '{entry.columns['chosen']}' and '{entry.columns['rejected']}' columns")
 
 
 def _csv(entry: DatasetEntry, path: Path):
@@ -126,7 +132,11 @@ def _parquet(entry: DatasetEntry, path: Path):
 
 
 def _needed(entry: DatasetEntry) -> list[str]:
-    needed = {"pt": ["prompt"], "alpaca": ["prompt", "response"], "sharegpt": ["messages"]}[entry.formatting]
+    if entry.ranking:
+        needed = ["messages", "kto_tag"] if entry.kto else (
+            ["prompt", "chosen", "rejected"] if entry.formatting == "alpaca" else ["messages", "chosen", "rejected"])
+    else:
+        needed = {"pt": ["prompt"], "alpaca": ["prompt", "response"], "sharegpt": ["messages"]}[entry.formatting]
     return needed + [role for role in sorted(entry.explicit) if role not in needed]
 
 
@@ -149,6 +159,8 @@ def record_problems(entry: DatasetEntry, record) -> list[str]:
         return out
     if entry.formatting == "pt":
         return _string(record, c["prompt"], "prompt", required=True)
+    if entry.ranking:
+        return _ranking(entry, record)
     if entry.formatting == "sharegpt":
         return _messages(entry, record.get(c["messages"]))
     out += _string(record, c["prompt"], "prompt", required=False)
@@ -166,6 +178,41 @@ def record_problems(entry: DatasetEntry, record) -> list[str]:
                     out.append(f"'{c['history']}' (history) item {i} must be a [question, answer] pair of strings, "
                                f"got {json.dumps(pair, ensure_ascii=False)[:60]}")
                     break
+    return out
+
+
+def _ranking(entry: DatasetEntry, record: dict) -> list[str]:
+    """Preference records: alpaca prompt/query + chosen/rejected strings; sharegpt messages ending
+    with a user turn + chosen/rejected assistant messages; KTO: messages ending with the answer + a
+    true/false kto_tag."""
+    c, tags = entry.columns, entry.tags
+    if entry.kto:
+        out = _messages(entry, record.get(c["messages"]))
+        messages = record.get(c["messages"])
+        if not out and messages[-1].get(tags["role_tag"]) != tags["assistant_tag"]:
+            out.append(f"'{c['messages']}' (messages) must end with the {tags['assistant_tag']} answer that kto_tag rates")
+        if not isinstance(record.get(c["kto_tag"]), bool):
+            out.append(f"'{c['kto_tag']}' (kto_tag) must be true or false, got {_kind(record.get(c['kto_tag']))}")
+        return out
+    if entry.formatting == "alpaca":
+        out = []
+        for role in ("prompt", "query", "system", "chosen", "rejected"):
+            if c[role] in record:
+                out += _string(record, c[role], role, required=role in ("chosen", "rejected"))
+        return out
+    out = _messages(entry, record.get(c["messages"]))
+    messages = record.get(c["messages"])
+    if not out and messages[-1].get(tags["role_tag"]) != tags["user_tag"]:
+        out.append(f"'{c['messages']}' (messages) must end with the {tags['user_tag']} turn that chosen/rejected answer")
+    for role in ("chosen", "rejected"):
+        answer = record.get(c[role])
+        if isinstance(answer, list) and len(answer) == 1:
+            answer = answer[0]
+        if not (isinstance(answer, dict) and answer.get(tags["role_tag"]) == tags["assistant_tag"]
+                and isinstance(answer.get(tags["content_tag"]), str)):
+            out.append(f"'{c[role]}' ({role}) must be one {tags['assistant_tag']} message "
+                       f"{{\"{tags['role_tag']}\": \"{tags['assistant_tag']}\", \"{tags['content_tag']}\": \"...\"}}, "
+                       f"got {json.dumps(answer, ensure_ascii=False)[:60]}")
     return out
 
 

@@ -113,6 +113,12 @@ def _data_problems(r: Recipe, errors: list, warnings: list) -> None:
     for name in r.datasets:
         try:
             entry = dataset_info.resolve(name, r.dataset_dir, r.stage, r.where("dataset"))
+            if entry.ranking and entry.kto != (r.pref_loss == "kto"):
+                errors.append(DevopsError(
+                    f"dataset '{name}' holds {'single answers with a kto_tag' if entry.kto else 'chosen/rejected pairs'}"
+                    f" but pref_loss is {r.pref_loss}", r.where("pref_loss"),
+                    "use pref_loss: sigmoid/ipo/hinge with pairs" if entry.kto is False else "set pref_loss: kto"))
+                continue
             errors += records.problems(entry)  # every record, streamed
             if msg := dataset_info.check_sha1(entry):
                 warnings.append(msg)

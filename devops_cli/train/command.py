@@ -1,4 +1,4 @@
-"""The training commands: `pt` and `sft` (recipe -> checks -> the machine and memory plan -> launch),
+"""The training commands: `pt`, `sft` and `dpo` (recipe -> checks -> the machine and memory plan -> launch),
 `export` (merge a LoRA adapter) and `keys` (the recipe keys). No torch import at module level."""
 
 from __future__ import annotations
@@ -108,6 +108,11 @@ def pt(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = 
 def sft(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False, force: Force = False) -> None:
     """Supervised fine-tuning (full or LoRA) on DevOps QA: [bold]devops-model sft configs/7b-sft.yaml[/]"""
     _train("sft", recipe, overrides, dry_run, force)
+
+
+def dpo(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False, force: Force = False) -> None:
+    """Preference alignment (DPO, IPO, hinge, KTO) on chosen/rejected answers: [bold]devops-model dpo configs/7b-dpo-lora.yaml[/]"""
+    _train("dpo", recipe, overrides, dry_run, force)
 
 
 def export(

@@ -1,4 +1,4 @@
-"""Datasets -> token blocks (pt) or masked conversations (sft).
+"""Datasets -> token blocks (pt), masked conversations (sft) or tokenized preferences (dpo).
 
 pt:  every document + EOS, concatenated, cut into max_source_length blocks; the tail that does not
      fill a block is dropped (and reported). No padding, so every token of a block is trained.
@@ -8,6 +8,9 @@ sft: each example becomes a conversation (system, user, assistant, user, assista
      Truncation keeps answers: a prompt longer than max_source_length loses the end of its user text
      (the template around it stays), an answer is cut to max_target_length, and later turns that no
      longer fit in max_source_length + max_target_length are dropped.
+dpo: each preference record becomes its prompt (every turn before the rated answer, rendered and
+     truncated as sft renders them) and its answers (chosen + rejected, or one completion with a KTO
+     label), each ending with its end-of-turn token: the columns TRL's collators take.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class DataReport:
     truncated_examples: int = 0  # sft
 
     def lines(self, stage: str) -> str:
+        if stage == "dpo":
+            return (f"dpo data: {self.examples} preference examples kept, {self.trained_tokens}/{self.tokens} tokens "
+                    f"scored; {self.truncated_examples} truncated, {self.dropped_examples} dropped")
         if stage == "pt":
             return (f"pt data: {self.examples} documents, {self.tokens} tokens -> {self.blocks} blocks; "
                     f"{self.dropped_tokens} tail tokens dropped")
@@ -100,8 +106,37 @@ def to_messages(entry):
     return fn
 
 
+def to_preferences(entry):
+    """Map a ranking record to {messages (the prompt turns), chosen, rejected} (pairs) or
+    {messages, completion, label} (KTO): answers as plain strings."""
+    c, tags = entry.columns, entry.tags
+    messages_of = to_messages(entry)
+
+    def answer(value) -> str:
+        if isinstance(value, list):
+            value = value[0] if value else {}
+        return (value.get(tags["content_tag"]) if isinstance(value, dict) else value) or ""
+
+    def fn(batch, indices):
+        keys = list(batch)
+        rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
+        if entry.kto:
+            convs = messages_of({c["messages"]: [r[c["messages"]] for r in rows]}, indices)["messages"]
+            return {"messages": [m[:-1] for m in convs], "completion": [m[-1]["content"] for m in convs],
+                    "label": [bool(r[c["kto_tag"]]) for r in rows]}
+        if entry.formatting == "sharegpt":
+            convs = messages_of({c["messages"]: [r[c["messages"]] for r in rows]}, indices)["messages"]
+        else:  # alpaca: the answer column is not there; to_messages leaves an empty assistant turn to drop
+            convs = [m[:-1] for m in messages_of({k: [r.get(k) for r in rows] for k in keys}, indices)["messages"]]
+        return {"messages": convs, "chosen": [answer(r[c["chosen"]]) for r in rows],
+                "rejected": [answer(r[c["rejected"]]) for r in rows]}
+
+    return fn
+
+
 def load_all(recipe: Recipe, num_proc: int | None):
-    """Every dataset of the recipe, standardised to {text} (pt) or {messages} (sft), concatenated."""
+    """Every dataset of the recipe, standardised to {text} (pt), {messages} (sft) or preferences (dpo:
+    to_preferences), concatenated."""
     import datasets
 
     parts = []
@@ -110,6 +145,8 @@ def load_all(recipe: Recipe, num_proc: int | None):
         ds = load_raw(entry, recipe.max_samples)
         if recipe.stage == "pt":
             fn, kwargs = _to_text(entry), {}
+        elif entry.ranking:
+            fn, kwargs = to_preferences(entry), {"with_indices": True}
         else:
             fn, kwargs = to_messages(entry), {"with_indices": True}
         parts.append(ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
@@ -203,15 +240,16 @@ class Renderer:
         return out
 
 
-def encode_sft(renderer: Renderer, messages: list[dict], max_source: int, max_target: int):
-    """-> (input_ids, labels, truncated) with every prompt token labelled IGNORE."""
+def encode_turns(renderer: Renderer, messages: list[dict], max_source: int, max_target: int):
+    """-> ([(prompt_ids, answer_ids, empty)], truncated): each user turn (template around it included)
+    and its answer, cut by the truncation rules above; `empty`: an answer with nothing to train."""
     tok = renderer.tok
 
     def ids(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"] if text else []
 
-    input_ids: list[int] = []
-    labels: list[int] = []
+    turns = []
+    used = 0
     truncated = False
     budget = max_source + max_target
     segs = renderer.segments(messages)
@@ -229,14 +267,37 @@ def encode_sft(renderer: Renderer, messages: list[dict], max_source: int, max_ta
         answer = ids(text)
         if len(answer) > max_target:
             answer, truncated = answer[:max_target], True
-        if input_ids and len(input_ids) + len(prompt) + len(answer) > budget:
+        if used and used + len(prompt) + len(answer) > budget:
             truncated = True
             break
+        used += len(prompt) + len(answer)
+        turns.append((prompt, answer, not text.replace(renderer.eot, "").strip()))
+    return turns, truncated
+
+
+def encode_sft(renderer: Renderer, messages: list[dict], max_source: int, max_target: int):
+    """-> (input_ids, labels, truncated) with every prompt token labelled IGNORE."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    turns, truncated = encode_turns(renderer, messages, max_source, max_target)
+    for prompt, answer, empty in turns:
         input_ids += prompt + answer
         # an empty answer would teach the model to stop at once: it stays in context, untrained
-        empty = not text.replace(renderer.eot, "").strip()
         labels += [IGNORE] * len(prompt) + ([IGNORE] * len(answer) if empty else answer)
     return input_ids, labels, truncated
+
+
+def encode_answer(renderer: Renderer, messages: list[dict], answer: str, max_source: int, max_target: int):
+    """The prompt (every turn of `messages`, earlier answers as context) and `answer` to it, rendered
+    and truncated as sft does: -> (prompt_ids, answer_ids, truncated), or None when the last turn
+    does not fit or the answer is empty."""
+    turns, truncated = encode_turns(renderer, messages + [{"role": "assistant", "content": answer}],
+                                    max_source, max_target)
+    users = sum(m["role"] == "user" for m in messages)
+    if len(turns) != users or not turns or turns[-1][2]:
+        return None
+    context = [t for prompt, reply, _ in turns[:-1] for t in prompt + reply] + turns[-1][0]
+    return context, turns[-1][1], truncated
 
 
 def build_sft(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
@@ -269,11 +330,53 @@ def build_sft(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
     return kept, report
 
 
+def build_preferences(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
+    """Preference records -> TRL's tokenized columns: {prompt_ids, chosen_ids, rejected_ids} (pairs) or
+    {prompt_ids, completion_ids, label} (KTO), through the same template, masking and truncation as sft."""
+    renderer = Renderer(tokenizer, recipe.template, recipe.system_prompt)
+    kto = "label" in raw.column_names
+    answers = ("completion",) if kto else ("chosen", "rejected")
+
+    def fn(batch):
+        out = {"prompt_ids": [], **{f"{a}_ids": [] for a in answers}, "truncated": [], "valid": []}
+        if kto:
+            out["label"] = list(batch["label"])
+        for i, messages in enumerate(batch["messages"]):
+            try:
+                encoded = [encode_answer(renderer, messages, batch[a][i], recipe.max_source_length,
+                                         recipe.max_target_length) for a in answers]
+            except ValueError:
+                encoded = [None]
+            ok = all(e is not None for e in encoded) and len({tuple(e[0]) for e in encoded}) == 1
+            out["prompt_ids"].append(encoded[0][0] if ok else [])
+            for a, e in zip(answers, encoded):
+                out[f"{a}_ids"].append(e[1] if ok else [])
+            out["truncated"].append(ok and any(e[2] for e in encoded))
+            out["valid"].append(ok)
+        return out
+
+    encoded = raw.map(fn, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="tokenizing")
+    valid, truncated = encoded["valid"], encoded["truncated"]
+    kept = encoded.filter(lambda v: v, input_columns="valid").remove_columns(["valid", "truncated"])
+    report = DataReport(examples=len(kept), dropped_examples=len(valid) - sum(valid),
+                        truncated_examples=sum(t for t, v in zip(truncated, valid) if v))
+    for a in answers:
+        report.trained_tokens += sum(len(x) for x in kept[f"{a}_ids"])
+    report.tokens = report.trained_tokens + len(answers) * sum(len(x) for x in kept["prompt_ids"])
+    if report.examples == 0:
+        raise DevopsError(f"no preference example is left ({report.dropped_examples} dropped: an empty answer, or a "
+                          "prompt longer than max_source_length + max_target_length)", recipe.where("dataset"),
+                          "check the chosen/rejected columns and the length limits")
+    return kept, report
+
+
 def build(recipe: Recipe, tokenizer, num_proc: int | None = None):
     """-> (train, eval or None, DataReport)"""
     raw = load_all(recipe, num_proc)
     if recipe.stage == "pt":
         dataset, report = pack(raw, tokenizer, recipe.max_source_length, num_proc)
+    elif recipe.stage == "dpo":
+        dataset, report = build_preferences(raw, tokenizer, recipe, num_proc)
     else:
         dataset, report = build_sft(raw, tokenizer, recipe, num_proc)
     if not recipe.val_size:

@@ -236,7 +236,12 @@ def estimate(r, processes: int, nodes: int, gpus: list[dict], ds_config: dict | 
         if stage == 3:
             rows.append(("largest module gathered (ZeRO-3)", half * shape.largest_module))
         rows.append((f"LoRA r={r.lora_rank}: weights + gradients + AdamW (fp32)", 16 * shape.lora_params(r.lora_rank)))
-    tokens = r.per_device_train_batch_size * (r.max_source_length + (r.max_target_length if r.stage == "sft" else 0))
+    if r.stage == "dpo" and r.finetuning_type == "full":  # a frozen copy scores the reference log-probs
+        rows.append((f"reference model ({'bf16/fp16' if half == 2 else 'fp32'}, frozen{', ZeRO-3 shard' if stage == 3 else ''})",
+                     half * p / (world if stage == 3 else 1)))
+    answers = 2 if r.stage == "dpo" and r.pref_loss != "kto" else 1  # chosen and rejected run in one batch
+    tokens = answers * r.per_device_train_batch_size * (
+        r.max_source_length + (r.max_target_length if r.stage in ("sft", "dpo") else 0))
     act = tokens * shape.activation_elements(r.gradient_checkpointing) * half
     if r.finetuning_type == "lora" and r.lora_dropout > 0:  # each adapted linear keeps its dropped input + mask
         kept = 1 if r.gradient_checkpointing else shape.layers  # checkpointed: recomputed a layer at a time

@@ -19,6 +19,8 @@ from devops_cli.errors import DevopsError, DevopsErrors, did_you_mean
 from devops_cli.options import allowed, coerce, describe, read_yaml
 
 REQUIRED = "<required>"
+STAGES = ("pt", "sft", "dpo")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "kto")
 BUNDLED_DATA = "bundled"  # dataset_dir value meaning the sample data shipped in the package
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -34,7 +36,8 @@ def _k(default, help: str, choices: tuple | None = None):
 @dataclass
 class Recipe:
     # --- what to train -------------------------------------------------------------------------
-    stage: str = _k(REQUIRED, "pt (continued pretraining) or sft (supervised fine-tuning)", ("pt", "sft"))
+    stage: str = _k(REQUIRED, "pt (continued pretraining), sft (supervised fine-tuning) or dpo (preference alignment)",
+                    STAGES)
     model_name_or_path: str = _k(REQUIRED, "local model directory or hub id")
     trust_remote_code: bool = _k(False, "run the model's own Python code (off unless you trust it)")
     attn_implementation: str | None = _k(None, "sdpa | eager | flash_attention_2 (default: transformers')")
@@ -47,6 +50,10 @@ class Recipe:
     max_samples: int | None = _k(None, "use at most this many examples of each dataset")
     val_size: float = _k(0.0, "held-out share (0<x<1) or count (integer >= 1) for eval loss")
     preprocessing_num_workers: int | None = _k(None, "processes for tokenization (default: 1)")
+    # --- preference alignment (dpo) -------------------------------------------------------------
+    pref_loss: str = _k("sigmoid", "dpo loss: sigmoid (DPO), ipo, hinge, or kto (a KTO dataset: answers with kto_tag)",
+                        PREF_LOSSES)
+    pref_beta: float = _k(0.1, "dpo: how far the policy may move from the reference model (higher = less)")
     # --- how to train --------------------------------------------------------------------------
     finetuning_type: str = _k("full", "train all weights or a LoRA adapter", ("full", "lora"))
     lora_rank: int = _k(8, "LoRA rank r")
@@ -110,6 +117,7 @@ RESUMABLE_CHANGES = {
     "preprocessing_num_workers", "force",
 }  # fmt: skip
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target")
+PREF_KEYS = ("pref_loss", "pref_beta")
 
 
 def schema() -> list[dataclasses.Field]:
@@ -186,7 +194,7 @@ def build(values: dict, origin: dict[str, str], source: str, command: str | None
           check_values: bool = True) -> Recipe:
     """Check every key of `values`; `command` is the stage the user ran (pt | sft), if any."""
     errors: list[DevopsError] = []
-    if command and values.get("stage") in ("pt", "sft") and values["stage"] != command:
+    if command and values.get("stage") in STAGES and values["stage"] != command:
         errors.append(DevopsError(f"the recipe says stage: {values['stage']} but you ran `devops-model {command}`",
                                   origin.get("stage"), f"run `devops-model {values['stage']}` or set stage: {command}"))
     known = {f.name: f for f in schema() if f.name != "extra"}
@@ -274,6 +282,12 @@ def value_problems(r: Recipe) -> list[DevopsError]:
         for key in LORA_KEYS:
             if key in r.origin:
                 bad(key, f"{key} is set but finetuning_type is full", "set finetuning_type: lora, or drop the key")
+    if r.stage != "dpo":
+        for key in PREF_KEYS:
+            if key in r.origin:
+                bad(key, f"{key} is set but stage is {r.stage}", "train preferences with `devops-model dpo`, or drop the key")
+    if r.pref_beta <= 0:
+        bad("pref_beta", f"pref_beta must be > 0, got {r.pref_beta}")
     if r.node_rank is not None and r.nnodes is not None and r.node_rank >= r.nnodes:
         bad("node_rank", f"node_rank {r.node_rank} must be below nnodes {r.nnodes}")
     if r.master_port is not None and not 0 < r.master_port < 65536:

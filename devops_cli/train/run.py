@@ -1,4 +1,4 @@
-"""pt and sft: recipe -> TrainingArguments -> model + data -> Trainer -> saved model and metrics.
+"""pt, sft and dpo: recipe -> TrainingArguments -> model + data -> Trainer -> saved model and metrics.
 
 Runs inside every torchrun worker. Reads top to bottom: arguments, tokenizer, data, model, train, save.
 """
@@ -29,7 +29,9 @@ def process_state(r: Recipe, gpu: bool):
     return PartialState(cpu=not gpu and not r.deepspeed, backend="nccl" if gpu else "gloo")
 
 
-def training_arguments(r: Recipe):
+def training_arguments(r: Recipe, config_class=None, **more):
+    """TrainingArguments (or `config_class`, a subclass such as TRL's DPOConfig, with `more` of its own
+    fields) from the recipe: every value the recipe sets wins over the class's defaults."""
     import torch
     from transformers import TrainingArguments
 
@@ -67,8 +69,9 @@ def training_arguments(r: Recipe):
     ckpt = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
     kwargs[f"{ckpt}_checkpointing"] = r.gradient_checkpointing
     kwargs[f"{ckpt}_checkpointing_kwargs"] = {"use_reentrant": False} if r.gradient_checkpointing else None
+    kwargs.update(more)
     kwargs.update(r.extra)
-    return TrainingArguments(**kwargs)
+    return (config_class or TrainingArguments)(**kwargs)
 
 
 def _mark_checkpoints():
@@ -110,8 +113,13 @@ def run(r: Recipe) -> dict:
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer
 
-    args = training_arguments(r)  # first: under ZeRO-3 it makes from_pretrained shard at load time
-    tokenizer = modeling.load_tokenizer(r.model_name_or_path, r.template if r.stage == "sft" else None,
+    if r.stage == "dpo":
+        from devops_cli.train import preference
+
+        args = preference.arguments(r)  # first: under ZeRO-3 it makes from_pretrained shard at load time
+    else:
+        args = training_arguments(r)
+    tokenizer = modeling.load_tokenizer(r.model_name_or_path, r.template if r.stage != "pt" else None,
                                         r.trust_remote_code)
     with args.main_process_first(desc="preparing data"):
         train_set, eval_set, report = data.build(r, tokenizer, r.preprocessing_num_workers)
@@ -129,9 +137,12 @@ def run(r: Recipe) -> dict:
     total = sum(p.numel() for p in model.parameters())
     info(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable ({dtype}, {r.finetuning_type})")
 
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=data.IGNORE, padding=True)
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, processing_class=tokenizer, callbacks=[_mark_checkpoints()])
+    if r.stage == "dpo":
+        trainer = preference.trainer(r, args, model, train_set, eval_set, tokenizer, [_mark_checkpoints()])
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=data.IGNORE, padding=True)
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                          data_collator=collator, processing_class=tokenizer, callbacks=[_mark_checkpoints()])
     resume = r.resume_from_checkpoint if isinstance(r.resume_from_checkpoint, str) else None
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -144,6 +155,10 @@ def run(r: Recipe) -> dict:
     metrics.update(train_tokens=int(tokens), train_tokens_per_second=tokens / seconds if seconds else 0.0,
                    global_step=trainer.state.global_step, data=report.__dict__,
                    world_size=args.world_size, resumed_from=resume, finished_at=time.time())
+    if r.stage == "dpo":
+        from devops_cli.train.preference import reward_metrics
+
+        metrics.update(reward_metrics(trainer.state.log_history))
     if eval_set is not None:
         ev = trainer.evaluate()
         metrics.update(ev)

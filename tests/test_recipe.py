@@ -19,7 +19,7 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if "stage" in yaml
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"7b-pt.yaml", "7b-sft.yaml", "14b-pt.yaml", "14b-sft.yaml", "14b-sft-lora.yaml",
-            "tiny-pt.yaml", "tiny-sft.yaml"} <= names  # fmt: skip
+            "tiny-pt.yaml", "tiny-sft.yaml", "tiny-dpo.yaml", "7b-dpo-lora.yaml"} <= names  # fmt: skip
     assert {p.name for p in (ROOT / "configs" / "deepspeed").glob("*.json")} >= {"zero2.json", "zero3.json", "zero3-offload.json"}
 
 

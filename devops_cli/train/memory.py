@@ -40,6 +40,7 @@ KNOWN = {
                          "num_key_value_heads": 8, "intermediate_size": 13824, "vocab_size": 152064,
                          "tie_word_embeddings": False},
 }  # fmt: skip
+KNOWN.update({f"{name}-Instruct": shape for name, shape in KNOWN.items()})  # the chat models share their base's shape
 
 
 @dataclass

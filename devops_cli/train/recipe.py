@@ -20,7 +20,7 @@ from devops_cli.options import allowed, coerce, describe, read_yaml
 
 REQUIRED = "<required>"
 STAGES = ("pt", "sft", "dpo")
-PREF_LOSSES = ("sigmoid", "ipo", "hinge", "kto")
+PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo", "kto")
 BUNDLED_DATA = "bundled"  # dataset_dir value meaning the sample data shipped in the package
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -51,15 +51,20 @@ class Recipe:
     val_size: float = _k(0.0, "held-out share (0<x<1) or count (integer >= 1) for eval loss")
     preprocessing_num_workers: int | None = _k(None, "processes for tokenization (default: 1)")
     # --- preference alignment (dpo) -------------------------------------------------------------
-    pref_loss: str = _k("sigmoid", "dpo loss: sigmoid (DPO), ipo, hinge, or kto (a KTO dataset: answers with kto_tag)",
-                        PREF_LOSSES)
-    pref_beta: float = _k(0.1, "dpo: how far the policy may move from the reference model (higher = less)")
+    pref_loss: str = _k("sigmoid", "dpo loss: sigmoid (DPO), ipo, hinge, orpo, simpo (no reference model), or kto "
+                        "(a KTO dataset: answers with kto_tag)", PREF_LOSSES)
+    pref_beta: float = _k(0.1, "dpo: how far the policy may move from the reference (higher = less); orpo: the "
+                          "odds-ratio weight; simpo: the reward scale")
+    simpo_gamma: float = _k(0.5, "simpo: the target reward margin")
     # --- how to train --------------------------------------------------------------------------
     finetuning_type: str = _k("full", "train all weights or a LoRA adapter", ("full", "lora"))
     lora_rank: int = _k(8, "LoRA rank r")
     lora_alpha: float = _k(32.0, "LoRA scaling alpha")
     lora_dropout: float = _k(0.1, "LoRA dropout")
     lora_target: str = _k("all", "'all' linear layers, or a comma list of module names (q_proj,v_proj)")
+    quantization_bit: int | None = _k(None, "QLoRA: load the frozen base in 4 or 8 bits (bitsandbytes; lora only)")
+    quantization_type: str = _k("nf4", "QLoRA 4-bit data type", ("nf4", "fp4"))
+    double_quantization: bool = _k(True, "QLoRA 4-bit: quantize the quantization constants too")
     output_dir: str = _k(REQUIRED, "where checkpoints, logs and the final model go")
     overwrite_output_dir: bool = _k(False, "start afresh in an output_dir that holds another run")
     resume_from_checkpoint: str | bool | None = _k(None, "checkpoint dir, true/false (default: auto)")
@@ -117,7 +122,8 @@ RESUMABLE_CHANGES = {
     "preprocessing_num_workers", "force",
 }  # fmt: skip
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target")
-PREF_KEYS = ("pref_loss", "pref_beta")
+PREF_KEYS = ("pref_loss", "pref_beta", "simpo_gamma")
+QUANT_KEYS = ("quantization_type", "double_quantization")  # meaningful with quantization_bit only
 
 
 def schema() -> list[dataclasses.Field]:
@@ -282,12 +288,28 @@ def value_problems(r: Recipe) -> list[DevopsError]:
         for key in LORA_KEYS:
             if key in r.origin:
                 bad(key, f"{key} is set but finetuning_type is full", "set finetuning_type: lora, or drop the key")
+    if r.quantization_bit is not None:
+        if r.quantization_bit not in (4, 8):
+            bad("quantization_bit", f"quantization_bit must be 4 or 8, got {r.quantization_bit}",
+                "4 (nf4/fp4, QLoRA) or 8 (LLM.int8)")
+        if r.finetuning_type != "lora":
+            bad("quantization_bit", "quantization_bit needs finetuning_type: lora (quantized weights cannot be trained)",
+                "set finetuning_type: lora, or drop quantization_bit")
+    else:
+        for key in QUANT_KEYS:
+            if key in r.origin:
+                bad(key, f"{key} is set but quantization_bit is not", "set quantization_bit: 4, or drop the key")
     if r.stage != "dpo":
         for key in PREF_KEYS:
             if key in r.origin:
                 bad(key, f"{key} is set but stage is {r.stage}", "train preferences with `devops-model dpo`, or drop the key")
     if r.pref_beta <= 0:
         bad("pref_beta", f"pref_beta must be > 0, got {r.pref_beta}")
+    if "simpo_gamma" in r.origin and r.pref_loss != "simpo":
+        bad("simpo_gamma", f"simpo_gamma is set but pref_loss is {r.pref_loss}", "set pref_loss: simpo, or drop the key")
+    if r.stage == "dpo" and r.pref_loss == "kto" and r.per_device_train_batch_size < 2:
+        bad("per_device_train_batch_size", "kto needs per_device_train_batch_size >= 2 (its KL term pairs each prompt "
+            "with another example's answer in the batch)", "set per_device_train_batch_size: 2 or more")
     if r.node_rank is not None and r.nnodes is not None and r.node_rank >= r.nnodes:
         bad("node_rank", f"node_rank {r.node_rank} must be below nnodes {r.nnodes}")
     if r.master_port is not None and not 0 < r.master_port < 65536:

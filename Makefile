@@ -2,7 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := .[deepspeed,dev,quantize,serve]
+EXTRAS := .[deepspeed,dev,qlora,quantize,serve]
 # requirements.lock: every Python package at the version the test suite passed on (written by
 # `make lock`, never by hand), except torch. Without a GPU, torch is pinned to the CPU build
 # (constraints.txt); with nvidia-smi on PATH pip picks the ordinary CUDA torch and its CUDA libraries.

@@ -92,7 +92,22 @@ def torch_dtype(bf16: bool, fp16: bool, trainable_base: bool, deepspeed: bool):
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
 
 
-def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implementation: str | None = None):
+def bnb_config(bits: int, kind: str = "nf4", double: bool = True, dtype=None, zero3: bool = False):
+    """bitsandbytes' config for a QLoRA base: 4-bit (nf4/fp4, optional double quantization) or 8-bit.
+    Under ZeRO-3 the 4-bit weights are stored in the compute dtype, so DeepSpeed can partition them."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=double,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype if zero3 else None)
+
+
+def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implementation: str | None = None,
+               quantization=None):
+    """`quantization`: a bnb_config() to load the weights quantized (on a GPU: onto this rank's GPU)."""
+    import os
+
     from transformers import AutoModelForCausalLM
 
     name = resolve_model(name)
@@ -104,6 +119,13 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        import torch
+
+        kwargs["quantization_config"] = quantization
+        zero3 = getattr(quantization, "bnb_4bit_quant_storage", None) not in (None, torch.uint8)
+        if torch.cuda.is_available() and not zero3:  # quantized weights cannot be moved after loading
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:

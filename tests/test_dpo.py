@@ -150,7 +150,7 @@ def test_dpo_lora_margin_grows_over_30_steps_and_exports(tiny_model, tmp_path):
     merged = tmp_path / "merged"
     _ok(run_cli("export", "--adapter", str(out), "--output", str(merged)))
     r = _ok(run_cli("chat", "--model", str(merged), "--temperature", "0", "--max-new-tokens", "8", "--prompt", "how do I roll back?"))
-    assert r.stdout.strip()
+    assert "prompt tokens" in r.stderr and "tokens/s" in r.stderr  # it loaded and generated (a tiny random model may say only spaces)
 
 
 @pytest.mark.slow

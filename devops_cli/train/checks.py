@@ -65,6 +65,7 @@ def check(r: Recipe) -> list[str]:
             if name not in names:
                 errors.append(DevopsError(f"lora_target '{name}' is not a linear layer of a {model_type} model",
                                           r.where("lora_target"), f"use all, or some of {','.join(names)}"))
+    _quantization_problems(r, model_type, errors)
     _data_problems(r, errors, warnings)
     if r.deepspeed:
         errors += check_deepspeed(Path(r.deepspeed), r)
@@ -105,6 +106,40 @@ def _model_problems(r: Recipe, errors: list, warnings: list) -> str | None:
     hint = "build the tiny demo model with `devops-model tiny runs/tiny`" if "tiny" in str(path) else "check the path"
     errors.append(DevopsError(f"model directory '{path}' does not exist", where, hint))
     return None
+
+
+def _quantization_problems(r: Recipe, model_type: str | None, errors: list) -> None:
+    """QLoRA and LoRA on quantized bases: what bitsandbytes, DeepSpeed and peft cannot do together."""
+    import importlib.util
+
+    config = Path(r.model_name_or_path).expanduser() / "config.json"
+    try:
+        quantized = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") if config.is_file() else None
+    except (OSError, ValueError):
+        quantized = None
+    method = (quantized or {}).get("quant_method") if isinstance(quantized, dict) else None
+    if method == "gptq" and r.finetuning_type == "lora" and r.lora_target == "all":
+        names = ",".join(LORA_MODULES.get(model_type or "qwen2", LORA_MODULES["qwen2"]))
+        errors.append(DevopsError("lora_target: all matches no layer of a GPTQ model (its linear layers are "
+                                  "quantized kernels peft does not list as 'all-linear')", r.where("lora_target"),
+                                  f"name the modules: lora_target: {names}"))
+    if r.quantization_bit is None:
+        return
+    where = r.where("quantization_bit")
+    if method:
+        errors.append(DevopsError(f"'{r.model_name_or_path}' is already quantized ({method}): quantization_bit "
+                                  "would quantize it twice", where, "drop quantization_bit, or start from the full model"))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        errors.append(DevopsError("quantization_bit needs bitsandbytes, which is not installed", where,
+                                  "pip install 'devops-model[qlora]'"))
+    if r.deepspeed and r.quantization_bit == 8 and Path(r.deepspeed).is_file():
+        try:
+            stage = (json.loads(Path(r.deepspeed).read_text(encoding="utf-8")).get("zero_optimization") or {}).get("stage")
+        except (OSError, ValueError):
+            stage = None
+        if stage == 3:
+            errors.append(DevopsError("8-bit quantization cannot be sharded by ZeRO-3 (bitsandbytes' int8 weights "
+                                      "are not partitionable)", where, "use quantization_bit: 4, or zero2.json"))
 
 
 def _data_problems(r: Recipe, errors: list, warnings: list) -> None:

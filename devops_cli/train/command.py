@@ -131,6 +131,20 @@ def export(
         adapter_base(adapter)  # its files are checked first either way
     merge_adapter(adapter, output, base, trust_remote_code)
     console.print(f"[green]merged[/] {escape(str(adapter))} into {escape(base)} → {escape(str(output))}")
+    bits = _trained_bits(adapter)
+    if bits:
+        info(f"the adapter was trained on a {bits}-bit (QLoRA) base; it is merged onto the unquantized base weights "
+             f"({escape(base)}), so the merged model is full precision — quantize it with `devops-model quantize`")
+
+
+def _trained_bits(adapter: Path) -> int | None:
+    """quantization_bit of the run that saved this adapter (its output_dir's recipe.yaml), if any."""
+    from devops_cli.train.recipe import is_resolved, read_resolved
+
+    for folder in (adapter, adapter.parent):
+        if is_resolved(folder / "recipe.yaml"):
+            return read_resolved(folder / "recipe.yaml").get("quantization_bit")
+    return None
 
 
 def keys() -> None:

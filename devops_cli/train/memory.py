@@ -232,8 +232,15 @@ def estimate(r, processes: int, nodes: int, gpus: list[dict], ds_config: dict | 
             rows += [("weights (fp32; AMP computes in half)" if half == 2 else "weights (fp32)", 4 * p),
                      ("gradients (fp32)", 4 * p), ("AdamW states (fp32 m, v)", 8 * p)]
     else:
-        base = half * p / (world if stage == 3 else 1)
-        rows.append((f"frozen base ({'bf16/fp16' if half == 2 else 'fp32'}{', ZeRO-3 shard' if stage == 3 else ''})", base))
+        bits = r.quantization_bit
+        if bits:  # bitsandbytes quantizes the decoder's linear layers; embeddings, head and norms stay in half
+            per = 0.5 + 4 / 64 * (0.25 if r.double_quantization else 1) if bits == 4 else 1.0  # + block scales
+            linear = shape.layers * sum(i * o for i, o in shape.linears)
+            base = (per * linear + half * (p - linear)) / (world if stage == 3 else 1)
+        else:
+            base = half * p / (world if stage == 3 else 1)
+        kind = f"{bits}-bit, QLoRA" if bits else ("bf16/fp16" if half == 2 else "fp32")
+        rows.append((f"frozen base ({kind}{', ZeRO-3 shard' if stage == 3 else ''})", base))
         if stage == 3:
             rows.append(("largest module gathered (ZeRO-3)", half * shape.largest_module))
         rows.append((f"LoRA r={r.lora_rank}: weights + gradients + AdamW (fp32)", 16 * shape.lora_params(r.lora_rank)))

@@ -127,7 +127,15 @@ def run(r: Recipe) -> dict:
 
     lora = r.finetuning_type == "lora"
     dtype = modeling.torch_dtype(r.bf16, r.fp16, trainable_base=not lora, deepspeed=bool(r.deepspeed))
-    model = modeling.load_model(r.model_name_or_path, dtype, r.trust_remote_code, r.attn_implementation)
+    quantization = None
+    if r.quantization_bit:  # QLoRA: the frozen base in 4/8 bits, computing in the recipe's dtype
+        zero3 = bool(r.deepspeed) and (json.loads(Path(r.deepspeed).read_text()).get("zero_optimization") or {}).get("stage") == 3
+        quantization = modeling.bnb_config(r.quantization_bit, r.quantization_type, r.double_quantization, dtype, zero3)
+    model = modeling.load_model(r.model_name_or_path, dtype, r.trust_remote_code, r.attn_implementation, quantization)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.gradient_checkpointing)
     if r.gradient_checkpointing:
         model.config.use_cache = False
     if lora:
@@ -135,7 +143,9 @@ def run(r: Recipe) -> dict:
                                   r.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    info(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable ({dtype}, {r.finetuning_type})")
+    kind = f"QLoRA {r.quantization_bit}-bit {r.quantization_type if r.quantization_bit == 4 else 'int8'}" \
+        if r.quantization_bit else r.finetuning_type
+    info(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable ({dtype}, {kind})")
 
     if r.stage == "dpo":
         trainer = preference.trainer(r, args, model, train_set, eval_set, tokenizer, [_mark_checkpoints()])

@@ -50,6 +50,9 @@ class Recipe:
     max_samples: int | None = _k(None, "use at most this many examples of each dataset")
     val_size: float = _k(0.0, "held-out share (0<x<1) or count (integer >= 1) for eval loss")
     preprocessing_num_workers: int | None = _k(None, "processes for tokenization (default: 1)")
+    streaming: bool = _k(False, "pt/sft: read the datasets as streams, packed on the fly (corpora bigger than RAM; "
+                         "needs max_steps)")
+    buffer_size: int = _k(16384, "streaming: shuffle buffer, in blocks (pt) or examples (sft)")
     # --- preference alignment (dpo) -------------------------------------------------------------
     pref_loss: str = _k("sigmoid", "dpo loss: sigmoid (DPO), ipo, hinge, orpo, simpo (no reference model), or kto "
                         "(a KTO dataset: answers with kto_tag)", PREF_LOSSES)
@@ -288,6 +291,21 @@ def value_problems(r: Recipe) -> list[DevopsError]:
         for key in LORA_KEYS:
             if key in r.origin:
                 bad(key, f"{key} is set but finetuning_type is full", "set finetuning_type: lora, or drop the key")
+    if r.streaming:
+        if r.stage == "dpo":
+            bad("streaming", "streaming is for pt and sft", "drop streaming: preference sets fit in memory")
+        if r.max_steps < 1:
+            bad("max_steps", "streaming: true needs max_steps (a stream has no length to count epochs by)",
+                "set max_steps: N")
+        if r.max_samples is not None:
+            bad("max_samples", "max_samples cannot cut a stream", "drop max_samples, or set streaming: false")
+        if 0 < r.val_size < 1:
+            bad("val_size", f"with streaming, val_size is a count taken from the head of the stream, got {r.val_size}",
+                "set val_size: 64 (blocks or examples)")
+    elif "buffer_size" in r.origin:
+        bad("buffer_size", "buffer_size is set but streaming is not", "set streaming: true, or drop the key")
+    if r.buffer_size < 1:
+        bad("buffer_size", f"buffer_size must be >= 1, got {r.buffer_size}")
     if r.quantization_bit is not None:
         if r.quantization_bit not in (4, 8):
             bad("quantization_bit", f"quantization_bit must be 4 or 8, got {r.quantization_bit}",

@@ -121,8 +121,16 @@ def run(r: Recipe) -> dict:
         args = training_arguments(r)
     tokenizer = modeling.load_tokenizer(r.model_name_or_path, r.template if r.stage != "pt" else None,
                                         r.trust_remote_code)
-    with args.main_process_first(desc="preparing data"):
-        train_set, eval_set, report = data.build(r, tokenizer, r.preprocessing_num_workers)
+    callbacks = [_mark_checkpoints()]
+    if r.streaming:  # nothing is read here: every worker builds the same lazy stream
+        from devops_cli.train import stream
+
+        train_set, eval_set, report = data.build_stream(r, tokenizer)
+        info(stream.configure(args, train_set))
+        callbacks.append(stream.callback(r.resume_from_checkpoint if isinstance(r.resume_from_checkpoint, str) else None))
+    else:
+        with args.main_process_first(desc="preparing data"):
+            train_set, eval_set, report = data.build(r, tokenizer, r.preprocessing_num_workers)
     info(report.lines(r.stage))
 
     lora = r.finetuning_type == "lora"
@@ -148,11 +156,11 @@ def run(r: Recipe) -> dict:
     info(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable ({dtype}, {kind})")
 
     if r.stage == "dpo":
-        trainer = preference.trainer(r, args, model, train_set, eval_set, tokenizer, [_mark_checkpoints()])
+        trainer = preference.trainer(r, args, model, train_set, eval_set, tokenizer, callbacks)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=data.IGNORE, padding=True)
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                          data_collator=collator, processing_class=tokenizer, callbacks=[_mark_checkpoints()])
+                          data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
     resume = r.resume_from_checkpoint if isinstance(r.resume_from_checkpoint, str) else None
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)

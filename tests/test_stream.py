@@ -49,7 +49,7 @@ def _two_files(tmp_path: Path, copies: int = 3) -> Path:
 
 
 def test_streamed_blocks_are_the_in_memory_blocks(tokenizer, tmp_path):
-    from devops_cli.train import data
+    from devops_cli.train import data, stream as streams
     from devops_cli.train.recipe import load
 
     d = _two_files(tmp_path, copies=1)
@@ -64,7 +64,7 @@ def test_streamed_blocks_are_the_in_memory_blocks(tokenizer, tmp_path):
 
     def stream(names: str) -> list[list[int]]:
         r = load(None, [*common, f"dataset={names}", "streaming=true", "buffer_size=1"], stage="pt")
-        return [row["input_ids"] for row in data.build_stream(r, tokenizer)[0]]
+        return [row["input_ids"] for row in streams.build(r, tokenizer)[0]]
 
     one = stream("part0")
     assert len(one) > 50 and one == in_memory("part0")  # the same documents + EOS cut into the same blocks, in order

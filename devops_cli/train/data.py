@@ -374,62 +374,6 @@ def build_preferences(raw, tokenizer, recipe: Recipe, num_proc: int | None = Non
     return kept, report
 
 
-# ----------------------------------------------------------------------------------------------
-# streaming: the same rules, applied on the fly to datasets' IterableDataset
-# ----------------------------------------------------------------------------------------------
-def build_stream(recipe: Recipe, tokenizer):
-    """-> (train IterableDataset, eval Dataset or None, DataReport with nothing counted yet).
-
-    pt blocks are packed as `pack` packs them (PACK_BATCH documents at a time, but each file on its
-    own: a file's partial tail block is dropped at its end); sft examples
-    are encoded as `build_sft` encodes them. Memory stays bounded by the packing batch and the
-    shuffle buffer (`buffer_size`), whatever the corpus size. The eval set is the first `val_size`
-    blocks (examples) of the stream, which training then skips; both are split the same way when
-    the workers shard the stream, so they never overlap."""
-    import datasets
-
-    eos = tokenizer.eos_token_id
-    renderer = Renderer(tokenizer, recipe.template, recipe.system_prompt) if recipe.stage == "sft" else None
-    parts = []
-    for name in recipe.datasets:
-        entry = dataset_info.resolve(name, recipe.dataset_dir, recipe.stage, recipe.where("dataset"))
-        ds = load_raw(entry, None, streaming=True)
-        if recipe.stage == "pt":
-            parts.append(ds.map(_to_text(entry), batched=True).select_columns(["text"]))
-        else:
-            parts.append(ds.map(to_messages(entry), batched=True, with_indices=True).select_columns(["messages"]))
-    stream = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    block = recipe.max_source_length
-
-    def pack_batch(batch):
-        flat = [t for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"] for t in ids + [eos]]
-        blocks = [flat[i : i + block] for i in range(0, len(flat) // block * block, block)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
-
-    def encode_batch(batch):
-        out = {"input_ids": [], "labels": []}
-        for messages in batch["messages"]:
-            try:
-                input_ids, labels, _ = encode_sft(renderer, messages, recipe.max_source_length, recipe.max_target_length)
-            except ValueError:
-                continue
-            if any(t != IGNORE for t in labels):
-                out["input_ids"].append(input_ids)
-                out["labels"].append(labels)
-        return out
-
-    if recipe.stage == "pt":
-        stream = stream.map(pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=["text"])
-    else:
-        stream = stream.map(encode_batch, batched=True, batch_size=1000, remove_columns=["messages"])
-    eval_set = None
-    n = int(recipe.val_size)
-    if n:
-        eval_set, stream = stream.take(n), stream.skip(n)
-    train = stream.shuffle(seed=recipe.seed, buffer_size=recipe.buffer_size)
-    return train, eval_set, DataReport()
-
-
 def build(recipe: Recipe, tokenizer, num_proc: int | None = None):
     """-> (train, eval or None, DataReport)"""
     raw = load_all(recipe, num_proc)

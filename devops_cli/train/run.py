@@ -125,7 +125,7 @@ def run(r: Recipe) -> dict:
     if r.streaming:  # nothing is read here: every worker builds the same lazy stream
         from devops_cli.train import stream
 
-        train_set, eval_set, report = data.build_stream(r, tokenizer)
+        train_set, eval_set, report = stream.build(r, tokenizer)
         info(stream.configure(args, train_set))
         callbacks.append(stream.callback(r.resume_from_checkpoint if isinstance(r.resume_from_checkpoint, str) else None))
     else:

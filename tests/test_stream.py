@@ -64,7 +64,7 @@ def test_streamed_blocks_are_the_in_memory_blocks(tokenizer, tmp_path):
 
     def stream(names: str) -> list[list[int]]:
         r = load(None, [*common, f"dataset={names}", "streaming=true", "buffer_size=1"], stage="pt")
-        return [row["input_ids"] for row in streams.build(r, tokenizer)[0]]
+        return [list(map(int, row["input_ids"])) for row in streams.build(r, tokenizer)[0]]
 
     one = stream("part0")
     assert len(one) > 50 and one == in_memory("part0")  # the same documents + EOS cut into the same blocks, in order

@@ -23,7 +23,7 @@ from devops_cli.templates import DEFAULT_SYSTEM, END_OF_TURN
 from devops_cli.train.recipe import Recipe
 
 IGNORE = -100
-PACK_BATCH = 10_000  # pt: documents per packing batch, streamed or not: the same blocks either way
+PACK_BATCH = 10_000  # pt: documents per packing batch (streaming packs fewer at a time: train/stream.py)
 
 
 @dataclass

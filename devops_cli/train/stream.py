@@ -20,11 +20,14 @@ from devops_cli.train import data
 from devops_cli.train.recipe import Recipe
 
 
+PACK_BATCH = 1000  # documents tokenized and packed at a time: with the shuffle buffer, what memory holds
+
+
 def build(recipe: Recipe, tokenizer):
     """-> (train IterableDataset, eval IterableDataset or None, DataReport with nothing counted yet).
 
-    pt blocks are packed as data.pack packs them (data.PACK_BATCH documents at a time, but each file
-    on its own: a file's partial tail block is dropped at its end); sft examples are encoded as
+    pt blocks are packed as data.pack packs them, PACK_BATCH documents at a time (in memory: 10,000)
+    and each file on its own (a partial block is dropped at the end of each); sft examples are encoded as
     data.build_sft encodes them. Memory stays bounded by the packing batch and the shuffle buffer
     (`buffer_size`), whatever the corpus size. The eval set is the first `val_size` blocks (examples)
     of the stream, which training then skips; both are split the same way when the workers shard
@@ -45,9 +48,12 @@ def build(recipe: Recipe, tokenizer):
     block = recipe.max_source_length
 
     def pack_batch(batch):
+        import numpy as np
+
         flat = [t for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"] for t in ids + [eos]]
-        blocks = [flat[i : i + block] for i in range(0, len(flat) // block * block, block)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        # int64 rows (2 KB a block, a tenth of a list of Python ints), labels the same row: the shuffle buffer's size
+        blocks = list(np.asarray(flat[: len(flat) // block * block], dtype=np.int64).reshape(-1, block))
+        return {"input_ids": blocks, "labels": blocks}
 
     def encode_batch(batch):
         out = {"input_ids": [], "labels": []}
@@ -62,7 +68,7 @@ def build(recipe: Recipe, tokenizer):
         return out
 
     if recipe.stage == "pt":
-        stream = stream.map(pack_batch, batched=True, batch_size=data.PACK_BATCH, remove_columns=["text"])
+        stream = stream.map(pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=["text"])
     else:
         stream = stream.map(encode_batch, batched=True, batch_size=1000, remove_columns=["messages"])
     eval_set = None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def corpus(folder: Path, size: int) -> int:
@@ -39,17 +40,10 @@ def corpus(folder: Path, size: int) -> int:
 
 
 def run(model: Path, data: Path, out: Path, steps: int, streaming: bool) -> dict:
-    argv = [sys.executable, "-m", "devops_cli", "pt", str(ROOT / "configs" / "tiny-pt.yaml"), f"model_name_or_path={model}",
-            f"dataset_dir={data}", "dataset=corpus", f"output_dir={out}", f"max_steps={steps}", "val_size=0",
-            "eval_steps=null", "save_steps=100000", "report_to=none", "plot_loss=false", "overwrite_output_dir=true",
-            *(["streaming=true"] if streaming else [])]  # fmt: skip
-    started = time.perf_counter()
-    r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"{' '.join(argv)}\nfailed ({r.returncode}):\n{r.stderr[-3000:]}")
-    m = json.loads((out / "metrics.json").read_text())
-    m["wall"] = time.perf_counter() - started
-    return m
+    from train import launch  # bench/train.py: one real `devops-model` launch, its metrics.json
+
+    return launch("pt", "tiny-pt.yaml", out, f"model_name_or_path={model}", f"dataset_dir={data}", "dataset=corpus",
+                  f"max_steps={steps}", "overwrite_output_dir=true", *(["streaming=true"] if streaming else []))
 
 
 def main() -> None:

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_dpo import TINY_DPO, _ok, _one_error
 
 from conftest import ROOT, run_cli
-from test_dpo import TINY_DPO, _ok, _one_error
 
 TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
 LORA = ["finetuning_type=lora", "learning_rate=5e-3", "val_size=0", "eval_steps=null"]

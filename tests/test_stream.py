@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_dpo import _ok, _one_error
 
 from conftest import ROOT, run_cli, write_jsonl
-from test_dpo import _ok, _one_error
 
 TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
 
@@ -49,7 +49,8 @@ def _two_files(tmp_path: Path, copies: int = 3) -> Path:
 
 
 def test_streamed_blocks_are_the_in_memory_blocks(tokenizer, tmp_path):
-    from devops_cli.train import data, stream as streams
+    from devops_cli.train import data
+    from devops_cli.train import stream as streams
     from devops_cli.train.recipe import load
 
     d = _two_files(tmp_path, copies=1)

@@ -304,6 +304,16 @@ def encode_answer(renderer: Renderer, messages: list[dict], answer: str, max_sou
     return context, turns[-1][1], truncated
 
 
+def _encode_and_keep(raw, fn, num_proc):
+    """Maps `fn` (which adds 'valid' and 'truncated' columns) over raw, keeps the valid rows and counts
+    the dropped and truncated ones."""
+    encoded = raw.map(fn, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="tokenizing")
+    valid, truncated = encoded["valid"], encoded["truncated"]
+    kept = encoded.filter(lambda v: v, input_columns="valid").remove_columns(["valid", "truncated"])
+    return kept, DataReport(examples=len(kept), dropped_examples=len(valid) - sum(valid),
+                            truncated_examples=sum(t for t, v in zip(truncated, valid) if v))
+
+
 def build_sft(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
     renderer = Renderer(tokenizer, recipe.template, recipe.system_prompt)
 
@@ -321,11 +331,7 @@ def build_sft(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
             out["valid"].append(any(t != IGNORE for t in labels))
         return out
 
-    encoded = raw.map(fn, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="tokenizing")
-    valid, truncated = encoded["valid"], encoded["truncated"]
-    kept = encoded.filter(lambda v: v, input_columns="valid").remove_columns(["valid", "truncated"])
-    report = DataReport(examples=len(kept), dropped_examples=len(valid) - sum(valid),
-                        truncated_examples=sum(t for t, v in zip(truncated, valid) if v))
+    kept, report = _encode_and_keep(raw, fn, num_proc)
     report.tokens = sum(len(x) for x in kept["input_ids"])
     report.trained_tokens = sum(sum(1 for t in x if t != IGNORE) for x in kept["labels"])
     if report.examples == 0:
@@ -359,11 +365,7 @@ def build_preferences(raw, tokenizer, recipe: Recipe, num_proc: int | None = Non
             out["valid"].append(ok)
         return out
 
-    encoded = raw.map(fn, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="tokenizing")
-    valid, truncated = encoded["valid"], encoded["truncated"]
-    kept = encoded.filter(lambda v: v, input_columns="valid").remove_columns(["valid", "truncated"])
-    report = DataReport(examples=len(kept), dropped_examples=len(valid) - sum(valid),
-                        truncated_examples=sum(t for t, v in zip(truncated, valid) if v))
+    kept, report = _encode_and_keep(raw, fn, num_proc)
     for a in answers:
         report.trained_tokens += sum(len(x) for x in kept[f"{a}_ids"])
     report.tokens = report.trained_tokens + len(answers) * sum(len(x) for x in kept["prompt_ids"])

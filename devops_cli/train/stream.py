@@ -19,7 +19,6 @@ from devops_cli import dataset_info
 from devops_cli.train import data
 from devops_cli.train.recipe import Recipe
 
-
 PACK_BATCH = 1000  # documents tokenized and packed at a time: with the shuffle buffer, what memory holds
 
 

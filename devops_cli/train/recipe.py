@@ -50,6 +50,8 @@ class Recipe:
     max_samples: int | None = _k(None, "use at most this many examples of each dataset")
     val_size: float = _k(0.0, "held-out share (0<x<1) or count (integer >= 1) for eval loss")
     preprocessing_num_workers: int | None = _k(None, "processes for tokenization (default: 1)")
+    packing: bool = _k(True, "sft: padding-free batches (examples concatenated, attention kept within each); "
+                       "false pads to the longest example")
     streaming: bool = _k(False, "pt/sft: read the datasets as streams, packed on the fly (corpora bigger than RAM; "
                          "needs max_steps)")
     buffer_size: int = _k(16384, "streaming: shuffle buffer, in blocks (pt) or examples (sft)")

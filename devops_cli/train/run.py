@@ -13,7 +13,7 @@ from pathlib import Path
 
 from devops_cli import modeling
 from devops_cli.console import info
-from devops_cli.train import data
+from devops_cli.train import data, packing
 from devops_cli.train.recipe import Recipe
 
 
@@ -109,9 +109,33 @@ def peak_memory() -> dict:
     return out
 
 
+def _padding_free(r: Recipe, args, model, train_set) -> bool:
+    """Whether sft batches are packed: packing on, and the model passing packing.self_check (not
+    under ZeRO-3, whose sharded weights cannot run a forward before the Trainer wraps them; nor on a
+    stream, whose examples are not at hand)."""
+    if r.stage != "sft" or not r.packing:
+        return False
+    zero3 = bool(r.deepspeed) and (json.loads(Path(r.deepspeed).read_text()).get("zero_optimization") or {}).get("stage") == 3
+    # transformers builds the block mask from restarting position ids only when the forward has no KV
+    # cache, and its models make one whenever config.use_cache is on, in training too (5.24): then the
+    # examples of a packed row would see each other. Training needs no cache; run() restores the flag.
+    model.config.use_cache = False
+    if zero3 or r.streaming:
+        return True
+    from devops_cli import guard
+
+    if not r.quantization_bit:
+        model.to(args.device)  # where the Trainer puts it anyway: the check runs where training will
+    why = packing.self_check(model, train_set, r.attn_implementation)
+    if why is None:
+        return True
+    guard.fallback("sft", "padding-free packing", why, "padded batches")
+    return False
+
+
 def run(r: Recipe) -> dict:
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import DataCollatorWithFlattening, Trainer
 
     if r.stage == "dpo":
         from devops_cli.train import preference
@@ -144,6 +168,7 @@ def run(r: Recipe) -> dict:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.gradient_checkpointing)
+    use_cache = model.config.use_cache
     if r.gradient_checkpointing:
         model.config.use_cache = False
     if lora:
@@ -158,18 +183,25 @@ def run(r: Recipe) -> dict:
     if r.stage == "dpo":
         trainer = preference.trainer(r, args, model, train_set, eval_set, tokenizer, callbacks)
     else:
-        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=data.IGNORE, padding=True)
+        packed = _padding_free(r, args, model, train_set)
+        if r.stage == "sft":
+            info("sft batches: " + ("padding-free (examples packed, attention kept within each)" if packed
+                                    else "padded to the longest example"))
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                          data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+                          data_collator=packing.collator(tokenizer, packed, r.attn_implementation),
+                          processing_class=tokenizer, callbacks=callbacks)
     resume = r.resume_from_checkpoint if isinstance(r.resume_from_checkpoint, str) else None
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
 
+    (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = use_cache  # as loaded
     trainer.save_model()  # ZeRO-3: gathers a full state dict (stage3_gather_16bit_weights_on_model_save)
     trainer.save_state()
     metrics = dict(result.metrics)
     tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    metrics.update(attn_implementation=getattr(model.config, "_attn_implementation", None),
+                   packing=r.stage == "sft" and isinstance(trainer.data_collator, DataCollatorWithFlattening))
     metrics.update(train_tokens=int(tokens), train_tokens_per_second=tokens / seconds if seconds else 0.0,
                    global_step=trainer.state.global_step, data=report.__dict__,
                    world_size=args.world_size, resumed_from=resume, finished_at=time.time())

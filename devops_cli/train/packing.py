@@ -61,8 +61,17 @@ def self_check(model, train_set, attn_implementation: str | None) -> str | None:
     if len(picked) < 2:
         return None  # nothing to pack together
     examples = [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in picked]
+    import torch
+
+    # training mode with dropout off: in eval mode bitsandbytes repacks 4-bit weights for CPU inference
+    # at the first forward, and its training path then cannot use them
     was_training = model.training
-    model.eval()  # no dropout while comparing
+    model.train()
+    dropouts = [(m, "p", m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    dropouts += [(m, "attention_dropout", m.attention_dropout) for m in model.modules()
+                 if isinstance(getattr(m, "attention_dropout", None), float)]
+    for m, name, _ in dropouts:
+        setattr(m, name, 0.0)
     try:
         flash = bool(attn_implementation) and attn_implementation.startswith("flash_attention")
         gap, drift = compare(model, examples, flash)
@@ -71,6 +80,8 @@ def self_check(model, train_set, attn_implementation: str | None) -> str | None:
 
         return f"the packed forward failed: {type(e).__name__}: {first_line(e)}"
     finally:
+        for m, name, value in dropouts:
+            setattr(m, name, value)
         model.train(was_training)
     if gap <= 1e-4 or gap <= 0.05 * drift:
         return None

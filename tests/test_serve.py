@@ -157,6 +157,21 @@ def test_api_key_and_the_busy_server(tiny_model):
     assert "Shutting down" in s.log()
 
 
+def test_cors_preflight_passes_the_key_check_and_401_carries_cors(tiny_model):
+    origin = "http://intranet.example"
+    with Served("--model", str(tiny_model), "--served-model-name", "tiny", "--api-key", KEY, "--cors-origin", origin) as s:
+        # a browser's preflight carries no Authorization header: it must not be refused for that
+        preflight = urllib.request.Request(s.base + "/chat/completions", method="OPTIONS", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        with urllib.request.urlopen(preflight, timeout=10) as r:
+            assert r.status == 200 and r.headers["access-control-allow-origin"] == origin
+        # a request without the key is 401, readable by the page (CORS headers on the error too)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(s.base + "/models", headers={"Origin": origin}), timeout=10)
+        assert e.value.code == 401 and e.value.headers["access-control-allow-origin"] == origin
+
+
 def test_refusals_before_anything_loads(tiny_model, tmp_path):
     r = run_cli("serve", "--model", str(tiny_model), "--host", "0.0.0.0", env={"DEVOPS_MODEL_API_KEY": ""})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

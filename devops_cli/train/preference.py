@@ -1,14 +1,14 @@
 """dpo: the Trainer for preference alignment: TRL's DPOTrainer (pref_loss sigmoid | ipo | hinge),
-KTOTrainer (kto), and its experimental ORPOTrainer (orpo) and CPOTrainer (simpo), each config made from the recipe exactly as TrainingArguments are for pt/sft, so
-that TRL's own defaults (bf16, gradient checkpointing, learning rate 1e-6, logging every 10 steps)
-never override the recipe.
+KTOTrainer (kto), and its experimental ORPOTrainer (orpo) and CPOTrainer (simpo), each config made
+from the recipe exactly as TrainingArguments are for pt/sft, so that TRL's own defaults (bf16,
+gradient checkpointing, learning rate 1e-6, logging every 10 steps) never override the recipe.
 
 The data arrive tokenized by data.build_preferences, through the same chat template, masking and
 truncation as sft; the trainers' own text preprocessing is skipped (`_prepare_dataset` hands the
 columns through; ORPO/CPO's `tokenize_row` lays them out as those trainers expect).
 
-Reference model (sigmoid, ipo, hinge, kto; orpo and simpo need none): LoRA scores it with the adapter switched off (no second copy); full fine-tuning
-loads a second copy through modeling.load_model (same resolution and dtype as the policy), frozen
+Reference model (sigmoid, ipo, hinge, kto; orpo and simpo need none): LoRA scores it with the
+adapter switched off (no second copy); full fine-tuning loads a second copy through modeling.load_model (same resolution and dtype as the policy), frozen
 and in eval mode (trl#1652), which TRL wraps for DeepSpeed itself (ZeRO-3 shards it too).
 """
 

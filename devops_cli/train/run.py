@@ -109,13 +109,18 @@ def peak_memory() -> dict:
     return out
 
 
+def _zero3(r: Recipe) -> bool:
+    """Whether the recipe's DeepSpeed config shards the weights (ZeRO stage 3)."""
+    return bool(r.deepspeed) and (json.loads(Path(r.deepspeed).read_text()).get("zero_optimization") or {}).get("stage") == 3
+
+
 def _padding_free(r: Recipe, args, model, train_set) -> bool:
     """Whether sft batches are packed: packing on, and the model passing packing.self_check (not
     under ZeRO-3, whose sharded weights cannot run a forward before the Trainer wraps them; nor on a
     stream, whose examples are not at hand)."""
     if r.stage != "sft" or not r.packing:
         return False
-    zero3 = bool(r.deepspeed) and (json.loads(Path(r.deepspeed).read_text()).get("zero_optimization") or {}).get("stage") == 3
+    zero3 = _zero3(r)
     # transformers builds the block mask from restarting position ids only when the forward has no KV
     # cache, and its models make one whenever config.use_cache is on, in training too (5.24): then the
     # examples of a packed row would see each other. Training needs no cache; run() restores the flag.
@@ -161,7 +166,7 @@ def run(r: Recipe) -> dict:
     dtype = modeling.torch_dtype(r.bf16, r.fp16, trainable_base=not lora, deepspeed=bool(r.deepspeed))
     quantization = None
     if r.quantization_bit:  # QLoRA: the frozen base in 4/8 bits, computing in the recipe's dtype
-        zero3 = bool(r.deepspeed) and (json.loads(Path(r.deepspeed).read_text()).get("zero_optimization") or {}).get("stage") == 3
+        zero3 = _zero3(r)
         quantization = modeling.bnb_config(r.quantization_bit, r.quantization_type, r.double_quantization, dtype, zero3)
     model = modeling.load_model(r.model_name_or_path, dtype, r.trust_remote_code, r.attn_implementation, quantization)
     if quantization is not None:

@@ -46,10 +46,11 @@ app.command()(tiny)
 app.command()(keys)
 
 
-# commands that leave nothing to clean up when they succeed (results and transcripts are written and
-# closed, no worker processes): they end without the interpreter's teardown of torch and transformers,
-# which takes ~0.7 s (4% of a whole 5-shot exam on a small model; a fifth of a one-shot chat on it).
-_NO_TEARDOWN = ("eval", "chat")
+# commands that leave nothing to clean up when they succeed (results, transcripts, checkpoints and logs
+# are written and closed, no worker process is left): they end without the interpreter's teardown of
+# torch and transformers, which takes ~0.7 s (4% of a whole 5-shot exam on a small model; a fifth of a
+# one-shot chat on it; of a short training run's fixed cost too). atexit handlers still run.
+_NO_TEARDOWN = ("eval", "chat", "pt", "sft", "dpo")
 
 
 def _click_classes(name: str) -> tuple:
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     # only as the process itself (console script, python -m): a caller passing argv keeps running
     if argv is None and not code and sys.argv[1:2] and sys.argv[1] in _NO_TEARDOWN and "torch" in sys.modules:
+        import atexit
+
+        atexit._run_exitfuncs()  # e.g. a training worker's log tee (train/worker.py), logging's flush
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

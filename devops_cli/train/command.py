@@ -19,7 +19,7 @@ from devops_cli.outputs import new_output_dir
 RecipeArg = Annotated[Path | None, typer.Argument(help="YAML recipe (configs/*.yaml)", show_default=False)]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. learning_rate=1e-5",
                                                           show_default=False)]
-DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe, memory plan and torchrun argv; run nothing")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe, memory plan and launch command (torchrun, or the worker for one process); run nothing")]
 Force = Annotated[bool, typer.Option("--force", help="launch even when the memory plan says it will not fit (force=true)")]
 
 
@@ -42,7 +42,7 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
     out = Path(r.output_dir)
     if resume is not None:
         r.resume_from_checkpoint = str(resume)
-    argv = launch.torchrun_argv(plan, out / "recipe.yaml")
+    argv = launch.worker_argv(plan, out / "recipe.yaml")
     # what this machine cannot run (precision, workers, the model's availability, DeepSpeed's needs, memory)
     trouble, memory = machine.problems(r, plan, machine.read_deepspeed(r))
     if dry_run:
@@ -79,7 +79,7 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
         if resume is not None:
             info(f"resuming from {escape(str(resume))}")
         launch.env_for_workers()
-        code = launch.run(argv, out / "logs")
+        code = launch.run_here(plan, out / "recipe.yaml") if launch.in_process(plan) else launch.run(argv, out / "logs")
     if code == 0 and plan.node_rank == 0:
         _summary(out)
     if code:

@@ -1,4 +1,4 @@
-"""torchrun: the argv (a list, never a re-split string), the multi-node conventions, and running it.
+"""torchrun (or, for one process, the worker in this process): the argv (a list, never a re-split string), the multi-node conventions, and running it.
 
 Multi-node values come from the recipe, else from the environment, in both conventions users have:
   CodeFuse-DevOps-Model scripts: WORLD_SIZE = number of nodes, RANK = node rank
@@ -102,6 +102,19 @@ def torchrun_argv(launch: Launch, recipe_path: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def in_process(launch: Launch) -> bool:
+    """One worker on one node: it runs in the command's own process (no torchrun, no second interpreter
+    with its second torch import)."""
+    return launch.nnodes == 1 and launch.nproc_per_node == 1
+
+
+def worker_argv(launch: Launch, recipe_path: Path) -> list[str]:
+    """What runs the job: torchrun, or for one process the worker itself (the same command by hand)."""
+    if in_process(launch):
+        return ["python", "-m", "devops_cli.train.worker", str(recipe_path)]
+    return torchrun_argv(launch, recipe_path)
+
+
 def display(argv: list[str]) -> str:
     return shlex.join(argv)
 
@@ -147,12 +160,52 @@ def run(argv: list[str], log_dir: Path) -> int:
     return 0
 
 
+def run_here(launch: Launch, recipe_path: Path) -> int:
+    """Run the one worker in this process, with the environment torchrun would give it (a process group
+    of one, as under torchrun, so DeepSpeed and the Trainer take the same path); return its exit code.
+    Ctrl-C and SIGTERM stop it as they stop a torchrun job (130, 143); kill -9 leaves nothing behind."""
+    from devops_cli.console import fail
+    from devops_cli.train import worker
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
+                      MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
+    stopped_by: list[int] = []
+
+    def stop(signum, frame):
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        code = worker.main([str(recipe_path)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code == 130:
+        sig = stopped_by[0] if stopped_by else signal.SIGINT
+        fail(f"stopped by {signal.Signals(sig).name}")
+        return 128 + int(sig)
+    return code
+
+
+def process_started() -> float:
+    """When this process started (time.time() clock; Linux /proc, 10 ms), else now."""
+    import time
+
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(") ", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 def env_for_workers() -> None:
-    """Settings every worker inherits (set before torchrun spawns them)."""
-    from devops_cli.train.worker import LAUNCHER_ENV
+    """Settings every worker inherits (set before torchrun spawns them, or the in-process worker runs)."""
+    from devops_cli.train.worker import LAUNCHER_ENV, STARTED_ENV
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ.setdefault(STARTED_ENV, str(process_started()))  # the start-up phases count from here
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # the workers' parent: they end with it (worker.die_with_launcher)
 
 

@@ -15,6 +15,7 @@ from devops_cli import modeling
 from devops_cli.console import info
 from devops_cli.train import data, packing
 from devops_cli.train.recipe import Recipe
+from devops_cli.train.worker import STARTED_ENV
 
 
 def process_state(r: Recipe, gpu: bool):
@@ -114,40 +115,59 @@ def _zero3(r: Recipe) -> bool:
     return bool(r.deepspeed) and (json.loads(Path(r.deepspeed).read_text()).get("zero_optimization") or {}).get("stage") == 3
 
 
-def _padding_free(r: Recipe, args, model, train_set) -> bool:
-    """Whether sft batches are packed: packing on, and the model passing packing.self_check (not
-    under ZeRO-3, whose sharded weights cannot run a forward before the Trainer wraps them; nor on a
-    stream, whose examples are not at hand)."""
+def _collator(r: Recipe, args, model, train_set, tokenizer):
+    """sft batches: padding-free when packing is on and the model passes packing.self_check on the
+    run's own collator (not checked under ZeRO-3, whose sharded weights cannot run a forward before the
+    Trainer wraps them, nor on a stream, whose examples are not at hand); else padded."""
+    padded = packing.collator(tokenizer, False, r.attn_implementation)
     if r.stage != "sft" or not r.packing:
-        return False
-    zero3 = _zero3(r)
+        return padded
+    packed = packing.collator(tokenizer, True, r.attn_implementation)
     # transformers builds the block mask from restarting position ids only when the forward has no KV
     # cache, and its models make one whenever config.use_cache is on, in training too (5.24): then the
     # examples of a packed row would see each other. Training needs no cache; run() restores the flag.
     model.config.use_cache = False
-    if zero3 or r.streaming:
-        return True
+    if _zero3(r) or r.streaming:
+        return packed
     from devops_cli import guard
 
     if not r.quantization_bit:
         model.to(args.device)  # where the Trainer puts it anyway: the check runs where training will
-    why = packing.self_check(model, train_set, r.attn_implementation)
+    why = packing.self_check(model, train_set, packed)
     if why is None:
-        return True
+        return packed
     guard.fallback("sft", "padding-free packing", why, "padded batches")
-    return False
+    return padded
+
+
+class Clock:
+    """Seconds of each start-up phase (metrics.json "startup"), the first counted from the start of
+    the devops-model command (its interpreter, checks, and for several workers torchrun and theirs)."""
+
+    def __init__(self):
+        self.last = float(os.environ.get(STARTED_ENV) or time.time())
+        self.phases: dict[str, float] = {}
+
+    def __call__(self, phase: str) -> None:
+        now = time.time()
+        self.phases[phase] = round(now - self.last, 3)
+        self.last = now
 
 
 def run(r: Recipe) -> dict:
+    clock = Clock()
+    clock("launch")
     import torch
-    from transformers import DataCollatorWithFlattening, Trainer
+    from transformers import Trainer
 
+    clock("imports")
     if r.stage == "dpo":
         from devops_cli.train import preference
 
         args = preference.arguments(r)  # first: under ZeRO-3 it makes from_pretrained shard at load time
     else:
         args = training_arguments(r)
+    clock("arguments")
     tokenizer = modeling.load_tokenizer(r.model_name_or_path, r.template if r.stage != "pt" else None,
                                         r.trust_remote_code)
     callbacks = [_mark_checkpoints()]
@@ -160,6 +180,7 @@ def run(r: Recipe) -> dict:
     else:
         with args.main_process_first(desc="preparing data"):
             train_set, eval_set, report = data.build(r, tokenizer, r.preprocessing_num_workers)
+    clock("data")
     info(report.lines(r.stage))
 
     lora = r.finetuning_type == "lora"
@@ -183,19 +204,20 @@ def run(r: Recipe) -> dict:
     total = sum(p.numel() for p in model.parameters())
     kind = f"QLoRA {r.quantization_bit}-bit {r.quantization_type if r.quantization_bit == 4 else 'int8'}" \
         if r.quantization_bit else r.finetuning_type
+    clock("model")
     info(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable ({dtype}, {kind})")
 
     if r.stage == "dpo":
         trainer = preference.trainer(r, args, model, train_set, eval_set, tokenizer, callbacks)
     else:
-        packed = _padding_free(r, args, model, train_set)
+        collator = _collator(r, args, model, train_set, tokenizer)
         if r.stage == "sft":
-            info("sft batches: " + ("padding-free (examples packed, attention kept within each)" if packed
+            info("sft batches: " + ("padding-free (examples packed, attention kept within each)" if packing.is_packed(collator)
                                     else "padded to the longest example"))
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                          data_collator=packing.collator(tokenizer, packed, r.attn_implementation),
-                          processing_class=tokenizer, callbacks=callbacks)
+                          data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
     resume = r.resume_from_checkpoint if isinstance(r.resume_from_checkpoint, str) else None
+    clock("trainer")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
@@ -203,13 +225,16 @@ def run(r: Recipe) -> dict:
     (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = use_cache  # as loaded
     trainer.save_model()  # ZeRO-3: gathers a full state dict (stage3_gather_16bit_weights_on_model_save)
     trainer.save_state()
+    saving = time.perf_counter() - started - seconds
     metrics = dict(result.metrics)
     tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     metrics.update(attn_implementation=getattr(model.config, "_attn_implementation", None),
-                   packing=r.stage == "sft" and isinstance(trainer.data_collator, DataCollatorWithFlattening))
+                   packing=r.stage == "sft" and packing.is_packed(trainer.data_collator))
     metrics.update(train_tokens=int(tokens), train_tokens_per_second=tokens / seconds if seconds else 0.0,
                    global_step=trainer.state.global_step, data=report.__dict__,
-                   world_size=args.world_size, resumed_from=resume, finished_at=time.time())
+                   world_size=args.world_size, resumed_from=resume, finished_at=time.time(),
+                   startup=clock.phases, startup_seconds=round(sum(clock.phases.values()), 3),
+                   save_seconds=round(saving, 3))
     if r.stage == "dpo":
         from devops_cli.train.preference import reward_metrics
 

@@ -1,4 +1,5 @@
-"""The only torchrun target: `python -m devops_cli.train.worker OUTPUT_DIR/recipe.yaml`.
+"""The worker: torchrun's target, `python -m devops_cli.train.worker OUTPUT_DIR/recipe.yaml`, and for a
+one-process run main() called in the devops-model process itself (launch.run_here).
 
 Every rank writes its output to OUTPUT_DIR/logs/rank{RANK}.log; rank 0 also to the terminal.
 Exit codes: 0 done, 2 a problem the user can fix (one line), 130 interrupted, 1 a crash (traceback).
@@ -50,6 +51,7 @@ def tee_output(log: Path, console: bool):
 
 
 LAUNCHER_ENV = "DEVOPS_MODEL_LAUNCHER_PID"
+STARTED_ENV = "DEVOPS_MODEL_STARTED"  # when the devops-model command started (time.time()): run.Clock
 
 
 def die_with_launcher() -> None:
@@ -61,7 +63,7 @@ def die_with_launcher() -> None:
     import signal
 
     launcher = int(os.environ.get(LAUNCHER_ENV) or 0)
-    if not launcher:
+    if not launcher or launcher == os.getpid():  # not launched, or running in the launcher itself
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -126,10 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     quiet_imports()
 
     try:
-        from devops_cli.train import recipe
+        from devops_cli.train import lean, recipe
+
+        r = recipe.load(recipe_path)
+        hidden = lean.hide(lean.unused(r.model_name_or_path, r.quantization_bit))  # before transformers loads
+        from devops_cli.console import info
         from devops_cli.train import run as train
 
-        train.run(recipe.load(recipe_path))
+        if hidden:
+            info(f"not loaded (the model is not quantized here): {', '.join(hidden)}")
+        train.run(r)
     except DevopsError as e:
         fail_all(e, f"[rank {rank}] ")
         return 2

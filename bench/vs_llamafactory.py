@@ -13,14 +13,17 @@ import then fails), so it is uninstalled; torchaudio's compiled libraries fail t
 so they are moved aside (its Python modules import without them; text training never calls them).
 
 Runs, alternating (LLaMA-Factory, devops-model, LLaMA-Factory, ...) so both see the same machine noise:
-pt (full), sft full and sft LoRA, batch 8, fp32, lr 1e-3 cosine, no warm-up, seed 42, --steps steps.
+pt (full), sft full and sft LoRA, batch 8, fp32, lr 1e-3 cosine, no warm-up, --steps steps; repeat r
+runs both tools with seed 42 + r (data order), so the spread of the loss over the repeats is the noise
+the two tools' losses are compared against.
 Per run, from the files each tool writes (trainer_state.json, all_results.json / metrics.json):
   tokens    the Trainer's count of non-padding input tokens (include_num_input_tokens_seen=non_padding)
   train s   the Trainer's train_runtime;   tokens/s = tokens / train s
   wall      the whole command, measured here;   fixed = wall - train s (start-up and shut-down)
   loss      the logged training loss at the last step
-The best run of each (highest tokens/s; lowest fixed cost) is compared; ratios are devops-model over
-LLaMA-Factory (above 1 is faster for tokens/s; below 1 is cheaper for fixed cost).
+The best run of each (highest tokens/s; lowest fixed cost, lowest wall) is compared; ratios are
+devops-model over LLaMA-Factory (above 1 is faster for tokens/s; below 1 is cheaper for fixed cost);
+losses are the mean over the repeats (seeds).
 """
 
 from __future__ import annotations
@@ -110,7 +113,7 @@ PT_BLOCK = 256  # pt: both concatenate the corpus and cut blocks of this many to
 SFT_CUTOFF = 2048  # sft: long enough that neither tool truncates an example
 
 
-def llamafactory_config(case: str, model: Path, data: Path, out: Path, steps: int) -> dict:
+def llamafactory_config(case: str, model: Path, data: Path, out: Path, steps: int, seed: int) -> dict:
     stage, kind, dataset = CASES[case]
     cfg = dict(model_name_or_path=str(model), stage=stage, do_train=True, finetuning_type=kind,
                dataset=dataset, dataset_dir=str(data), template="qwen",
@@ -118,20 +121,20 @@ def llamafactory_config(case: str, model: Path, data: Path, out: Path, steps: in
                output_dir=str(out), overwrite_output_dir=True, logging_steps=10, save_steps=100000,
                save_strategy="no", plot_loss=False, report_to="none", per_device_train_batch_size=8,
                gradient_accumulation_steps=1, learning_rate=1e-3, lr_scheduler_type="cosine",
-               max_steps=steps, bf16=False, fp16=False, seed=42, val_size=0,
+               max_steps=steps, bf16=False, fp16=False, seed=seed, val_size=0,
                include_num_input_tokens_seen="non_padding")  # fmt: skip
     if kind == "lora":
         cfg.update(lora_rank=8, lora_alpha=16, lora_dropout=0.0, lora_target="all")
     return cfg
 
 
-def devops_overrides(case: str, model: Path, data: Path, out: Path, steps: int) -> list[str]:
+def devops_overrides(case: str, model: Path, data: Path, out: Path, steps: int, seed: int) -> list[str]:
     stage, kind, dataset = CASES[case]
     o = [f"model_name_or_path={model}", f"dataset={dataset}", f"dataset_dir={data}", f"finetuning_type={kind}",
          f"output_dir={out}", "overwrite_output_dir=true", "logging_steps=10", "save_steps=100000",
          "plot_loss=false", "report_to=none", "per_device_train_batch_size=8", "gradient_accumulation_steps=1",
          "learning_rate=1e-3", "lr_scheduler_type=cosine", f"max_steps={steps}", "warmup_ratio=0", "bf16=false",
-         "fp16=false", "seed=42", "val_size=0", "eval_steps=null", "nproc_per_node=1"]  # fmt: skip
+         "fp16=false", f"seed={seed}", "val_size=0", "eval_steps=null", "nproc_per_node=1"]  # fmt: skip
     if stage == "pt":
         o.append(f"max_source_length={PT_BLOCK}")
     else:
@@ -160,7 +163,7 @@ def measure(argv: list[str], out: Path, cwd: Path, env: dict, results: str) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--repeat", type=int, default=2, help="alternating runs per tool and case; the best counts")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs per tool and case; the best counts")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     ap.add_argument("--keep", type=Path, help="keep the runs here instead of a temporary directory")
     args = ap.parse_args()
@@ -186,10 +189,10 @@ def main() -> None:
             stage = CASES[case][0]
             out = work / f"lf-{case.replace(' ', '-')}"
             cfg = work / f"lf-{case.replace(' ', '-')}.yaml"
-            cfg.write_text(yaml.safe_dump(llamafactory_config(case, model, data, out, args.steps)))
+            cfg.write_text(yaml.safe_dump(llamafactory_config(case, model, data, out, args.steps, 42 + rep)))
             lf = measure([str(VENV / "bin" / "llamafactory-cli"), "train", str(cfg)], out, work, env, "all_results.json")
             out = work / f"dm-{case.replace(' ', '-')}"
-            dm = measure([sys.executable, "-m", "devops_cli", stage, *devops_overrides(case, model, data, out, args.steps)],
+            dm = measure([sys.executable, "-m", "devops_cli", stage, *devops_overrides(case, model, data, out, args.steps, 42 + rep)],
                          out, ROOT, env, "metrics.json")  # fmt: skip
             for tool, m in (("LLaMA-Factory", lf), ("devops-model", dm)):
                 runs.setdefault((case, tool), []).append(m)
@@ -197,23 +200,25 @@ def main() -> None:
                       f"fixed {m['fixed']:5.1f} s  {m['tokens']:>8} tokens  {m['tps']:7.0f} tokens/s  "
                       f"loss {m['loss']:.4f} @ {m['loss_step']}", flush=True)  # fmt: skip
 
-    print(f"\n{args.steps} steps, batch 8, fp32, 1 process, {os.cpu_count()} CPU cores; best of {args.repeat} alternating runs")
-    print(f"{'case':<9} {'tool':<13} {'tokens/s':>9} {'train s':>8} {'wall s':>7} {'fixed s':>8} {'tokens':>8} {'loss':>7}")
+    print(f"\n{args.steps} steps, batch 8, fp32, 1 process, {os.cpu_count()} CPU cores; best of {args.repeat} alternating "
+          f"runs (seeds 42..{41 + args.repeat}); loss: mean over the seeds at step {args.steps}")
+    print(f"{'case':<9} {'tool':<13} {'tokens/s':>9} {'train s':>8} {'wall s':>7} {'fixed s':>8} {'tokens':>8} {'loss':>7} {'seed spread':>12}")
     for case in cases:
         best = {}
         for tool in ("LLaMA-Factory", "devops-model"):
             ms = runs[(case, tool)]
-            m = max(ms, key=lambda x: x["tps"])
-            best[tool] = {**m, "fixed": min(x["fixed"] for x in ms), "wall": min(x["wall"] for x in ms)}
-            b = best[tool]
+            losses = [x["loss"] for x in ms]
+            best[tool] = b = {**max(ms, key=lambda x: x["tps"]), "fixed": min(x["fixed"] for x in ms),
+                              "wall": min(x["wall"] for x in ms), "loss": sum(losses) / len(losses),
+                              "spread": max(losses) - min(losses)}  # fmt: skip
             print(f"{case:<9} {tool:<13} {b['tps']:>9.0f} {b['train']:>8.1f} {b['wall']:>7.1f} {b['fixed']:>8.1f} "
-                  f"{b['tokens']:>8} {b['loss']:>7.4f}")  # fmt: skip
+                  f"{b['tokens']:>8} {b['loss']:>7.4f} {b['spread']:>12.4f}")  # fmt: skip
         lf, dm = best["LLaMA-Factory"], best["devops-model"]
-        spread = max(abs(a["loss"] - b["loss"]) for tool in ("LLaMA-Factory", "devops-model")
-                     for a in runs[(case, tool)] for b in runs[(case, tool)])  # fmt: skip
+        noise = max(lf["spread"], dm["spread"])
+        verdict = "within" if abs(dm["loss"] - lf["loss"]) <= noise else "outside"
         print(f"{case:<9} {'ratio':<13} {dm['tps'] / lf['tps']:>8.2f}x {'':>8} {dm['wall'] / lf['wall']:>6.2f}x "
               f"{dm['fixed'] / lf['fixed']:>7.2f}x {dm['tokens'] / lf['tokens']:>7.3f}x {dm['loss'] - lf['loss']:>+7.4f}"
-              f"  (loss spread between reps of one tool: {spread:.4f})")  # fmt: skip
+              f"  ({verdict} the seed spread {noise:.4f})")  # fmt: skip
     print(f"runs in {work}")
 
 

@@ -146,6 +146,7 @@ def test_dpo_lora_margin_grows_over_30_steps_and_exports(tiny_model, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "peak_rss_bytes"):
         assert key in metrics, key
+    assert "trl" in metrics["optional_libraries"] and "bitsandbytes" not in metrics["optional_libraries"]
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
     merged = tmp_path / "merged"
     _ok(run_cli("export", "--adapter", str(out), "--output", str(merged)))

@@ -25,7 +25,8 @@ def test_dry_mode_runs_every_step_on_cpu_inside_its_budget(tmp_path):
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
     report = json.loads((tmp_path / "gpu-report.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
-    assert list(steps) == ["env", "correctness", "train-lora-7b", "train-full-1.5b", "eval-7b", "chat-7b"]
+    assert list(steps) == ["env", "correctness", "train-lora-7b", "train-full-1.5b", "eval-7b", "chat-7b",
+                           "train-full-1.5b-liger"]
     assert {s["status"] for s in report["steps"]} == {"ok"}, {k: (s["status"], s["tail"][-800:]) for k, s in steps.items()}
     assert report["mode"].startswith("plan") and report["exit_code"] == 0 and report["seconds"] < report["budget_s"] <= 180
     tests = steps["correctness"]["result"]["tests"]
@@ -59,4 +60,4 @@ def test_without_cuda_and_without_plan_it_says_so_and_stops(tmp_path):
                        text=True, timeout=120)  # fmt: skip
     assert r.returncode == 1 and "no CUDA device visible" in r.stdout, r.stdout + r.stderr
     report = json.loads((tmp_path / "gpu-report.json").read_text())
-    assert [s["status"] for s in report["steps"]] == ["error"] + ["not run"] * 5
+    assert [s["status"] for s in report["steps"]] == ["error"] + ["not run"] * 6

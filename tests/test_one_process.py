@@ -88,22 +88,24 @@ def test_unused_quantization_libraries_stay_unloaded(tiny_model, tmp_path):
 
     from devops_cli.train import lean
 
-    installed = [m for m in lean.QUANTIZERS if importlib.util.find_spec(m) is not None]
+    installed = [m for m in (*lean.QUANTIZERS, "deepspeed") if importlib.util.find_spec(m) is not None]
     if not installed:
-        pytest.skip("no quantization library is installed in this venv")
-    assert lean.unused(str(tiny_model), None) == list(lean.QUANTIZERS)
-    assert "bitsandbytes" not in lean.unused(str(tiny_model), 4)  # QLoRA keeps it
-    assert lean.unused("Qwen/Qwen2-7B", None) == []  # not a local folder: nothing is known, nothing hidden
+        pytest.skip("no optional library is installed in this venv")
+    assert lean.unused(str(tiny_model), None, False) == [*lean.QUANTIZERS, "deepspeed"]
+    assert lean.unused(str(tiny_model), None, True) == list(lean.QUANTIZERS)  # a DeepSpeed run keeps it
+    assert "bitsandbytes" not in lean.unused(str(tiny_model), 4, False)  # QLoRA keeps it
+    assert lean.unused("Qwen/Qwen2-7B", None, True) == []  # not a local folder: its quantization is unknown
     quantized = tmp_path / "gptq"
     quantized.mkdir()
     config = json.loads((Path(tiny_model) / "config.json").read_text())
     (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
-    assert lean.unused(str(quantized), None) == []
+    assert lean.unused(str(quantized), None, True) == []
     out = tmp_path / "lora"
     _ok(run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={out}", "finetuning_type=lora",
                 "max_steps=2", "val_size=0", "eval_steps=null", "report_to=none", "plot_loss=false"))
     log = (out / "logs" / "rank0.log").read_text()
-    assert f"not loaded (the model is not quantized here): {', '.join(installed)}" in log
+    assert f"not loaded (this run does not use them): {', '.join(installed)}" in log
+    assert json.loads((out / "metrics.json").read_text())["optional_libraries"] == []
 
 
 def _digest(folder: Path) -> str:
@@ -133,3 +135,19 @@ def test_resumed_padding_free_sft_continues_bit_identically(tiny_model, tmp_path
     assert list(losses(resumed)) == list(range(7, 13))
     assert losses(resumed) == losses(straight)  # the same floats, step by step
     assert _digest(resumed) == _digest(straight)  # and the same final weights, bit for bit
+
+
+def test_use_liger_kernel_passes_through_or_says_why_not(tiny_model, tmp_path):
+    """use_liger_kernel is TrainingArguments' own key; where it cannot run, one line before any worker."""
+    import importlib.util
+    import shutil
+
+    if shutil.which("nvidia-smi") and importlib.util.find_spec("liger_kernel"):
+        pytest.skip("liger-kernel runs here: the GPU kit measures it")
+    out = tmp_path / "liger"
+    r = run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={out}", "use_liger_kernel=true")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    expected = "liger-kernel is not installed" if importlib.util.find_spec("liger_kernel") is None else "Triton GPU kernels"
+    assert len(errors) == 1 and "use_liger_kernel is on, but" in errors[0] and expected in errors[0], errors
+    assert "override 'use_liger_kernel=true'" in errors[0] and not out.exists()

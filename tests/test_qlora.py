@@ -61,6 +61,7 @@ def test_qlora_4bit_sft_trains_saves_and_export_merges(tiny_model, tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["peak_rss_bytes"] > 0
+    assert "bitsandbytes" in metrics["optional_libraries"] and "gptqmodel" not in metrics["optional_libraries"]
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     merged = tmp_path / "merged"
     r = _ok(run_cli("export", "--adapter", str(out), "--output", str(merged)))

@@ -44,7 +44,7 @@ def render(report: dict) -> str:
     if c["status"] != "ok":
         md += ["", "```", c["tail"], "```"]
 
-    train = [steps[n] for n in ("train-lora-7b", "train-full-1.5b")]
+    train = [steps[n] for n in ("train-lora-7b", "train-full-1.5b", "train-full-1.5b-liger") if n in steps]
     md += ["", "## 2. Training speed (real `devops-model` launches, 1 GPU)", "",
            "| run | params | seq x batch | steps | tokens/s (loop) | MFU 6N | steady tokens/s | steady MFU 6N | peak GPU GiB | attention |",
            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -55,7 +55,8 @@ def render(report: dict) -> str:
                       f"{_num(f['tokens_per_s'])} | {_pct(f['mfu_6n'])} | {_num(f['steady_tokens_per_s'])} | "
                       f"{_pct(f['steady_mfu_6n'])} | {f['peak_gpu_allocated_gib']:.1f} | {f['attn_implementation']} |")
         else:
-            md.append(f"| {s['name']} | {s['status']} | | | | | | | | |")
+            why = "; ".join(s["result"].get("lines", []))
+            md.append(f"| {s['name']} | {s['status']}{': ' + why if why else ''} | | | | | | | | |")
     md += ["", "MFU by the 6N convention: 6 x all parameters FLOPs per token over the GPU's dense bf16 peak "
            "(989 TFLOP/s for H100/H200); attention's own FLOPs are not counted. LoRA without gradient checkpointing "
            "does about 4N of real work per token (no weight gradients for the frozen base), so its 6N figure "

@@ -61,6 +61,9 @@ def steps(plan: bool) -> list[Step]:
              "574 questions at 5 shots: scorer vs the plain one-at-a-time loop"),
         Step("chat-7b", "speed", 60, 30, [PY, str(HERE / "chat_speed.py"), "--tokens", "64", *flag],
              "TTFT and decode tokens/s of chat's loop vs generate"),
+        Step("train-full-1.5b-liger", "speed", 75, 20, [PY, str(HERE / "train_speed.py"), "--run", "full-1.5b-liger",
+                                                         "--steps", "16", *flag],
+             "the same full sft with use_liger_kernel=true (last: runs when the budget has room)"),
     ]  # fmt: skip
 
 

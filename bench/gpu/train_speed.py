@@ -32,6 +32,8 @@ RUNS = {
                           "gradient_checkpointing=false"]),
     "full-1.5b": dict(shape="1.5b", stage="sft", seq=2048, batch=8,
                       keys=["finetuning_type=full", "gradient_checkpointing=false"]),
+    "full-1.5b-liger": dict(shape="1.5b", stage="sft", seq=2048, batch=8,
+                            keys=["finetuning_type=full", "gradient_checkpointing=false", "use_liger_kernel=true"]),
 }  # fmt: skip
 PLAN = {"seq": 128, "batch": 4, "steps": 4}
 
@@ -96,6 +98,12 @@ def main() -> None:
     args = ap.parse_args()
     spec = RUNS[args.run]
     work = args.work / ("plan" if args.plan else "gpu")
+    if "use_liger_kernel=true" in spec["keys"]:
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            write_result(args.result, {"lines": [f"{args.run}: skipped, liger-kernel is not installed"]})
+            return
     plan_text = dry_run(spec, work, args.steps) if args.plan else None
     if args.plan and args.run != "lora-7b":  # the same launch code runs in lora-7b's tiny launch
         write_result(args.result, {"plan": plan_text, "lines": [f"{args.run}: GPU recipe checked with --dry-run "
@@ -119,7 +127,8 @@ def main() -> None:
     mfu = (lambda t: 6 * params * t / peak) if peak else (lambda t: None)
     figures = {
         "run": args.run, "stage": spec["stage"], "shape": spec["shape"] + (" (plan: tiny stand-in)" if args.plan else ""),
-        "params": params, "gpu": gpu, "attn_implementation": "sdpa", "seq": seq, "batch": batch, "steps": m["global_step"],
+        "params": params, "gpu": gpu, "attn_implementation": m.get("attn_implementation"),
+        "packing": m.get("packing"), "use_liger_kernel": m.get("use_liger_kernel"), "startup": m.get("startup"), "seq": seq, "batch": batch, "steps": m["global_step"],
         "tokens": m["train_tokens"], "tokens_per_s": tps, "steady_tokens_per_s": steady, "steady_steps": span,
         "mfu_6n": mfu(tps), "steady_mfu_6n": mfu(steady) if steady else None,
         "peak_gpu_allocated_gib": m.get("peak_cuda_allocated_bytes", 0) / 2**30, "peak_rss_gib": m["peak_rss_bytes"] / 2**30,

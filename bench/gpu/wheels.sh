@@ -23,6 +23,8 @@ PLAT="--only-binary=:all: --no-deps --python-version 3.12 --implementation cp --
 # shellcheck disable=SC2046
 $PY -m pip download -q $PLAT $(for p in transformers peft datasets dill multiprocess hjson pydantic pydantic_core \
     annotated-types typing-inspection optimum prompt_toolkit wcwidth; do pin $p; done)
+# liger-kernel (pure Python over Triton, which the GPU machine's torch brings): the kit's last step
+$PY -m pip download -q $PLAT liger-kernel==0.8.5
 # pure-Python wheels built here from source distributions (they publish no wheels)
 src() { $PY -m pip download -q --no-deps --no-build-isolation -d /tmp/devops-gpu-wheels "$(pin "$1")"; }
 for p in deepspeed GPTQModel Defuser Device-SMI LogBar TokeNicer PyPcre; do src $p; done

@@ -132,12 +132,10 @@ def _quantization_problems(r: Recipe, model_type: str | None, errors: list) -> N
     if importlib.util.find_spec("bitsandbytes") is None:
         errors.append(DevopsError("quantization_bit needs bitsandbytes, which is not installed", where,
                                   "pip install 'devops-model[qlora]'"))
-    if r.deepspeed and r.quantization_bit == 8 and Path(r.deepspeed).is_file():
-        try:
-            stage = (json.loads(Path(r.deepspeed).read_text(encoding="utf-8")).get("zero_optimization") or {}).get("stage")
-        except (OSError, ValueError):
-            stage = None
-        if stage == 3:
+    if r.deepspeed and r.quantization_bit == 8:
+        from devops_cli.train.machine import read_deepspeed, zero_stage
+
+        if zero_stage(read_deepspeed(r)) == 3:
             errors.append(DevopsError("8-bit quantization cannot be sharded by ZeRO-3 (bitsandbytes' int8 weights "
                                       "are not partitionable)", where, "use quantization_bit: 4, or zero2.json"))
 
@@ -177,7 +175,9 @@ def deepspeed_problems(config: dict, where: str, r: Recipe | None = None) -> lis
     out = []
     if not isinstance(config, dict):
         return [DevopsError("a DeepSpeed config must be a JSON object", where)]
-    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    from devops_cli.train.machine import zero_stage
+
+    stage = zero_stage(config)
     if stage not in (0, 1, 2, 3):
         out.append(DevopsError(f"zero_optimization.stage must be 0-3, got {stage!r}", where))
     for key in ("bf16", "fp16"):

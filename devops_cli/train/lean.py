@@ -1,4 +1,4 @@
-"""Optional libraries a training run does not use stay unloaded.
+"""Optional libraries a training run does not use stay unloaded (deepspeed, the quantization libraries).
 
 transformers and peft import every quantization library that is installed at their own import
 (bitsandbytes, torchao), and peft imports gptqmodel (with optimum) when a LoRA adapter is made: on 2
@@ -7,7 +7,8 @@ CPU cores that is ~1 s for the first two and ~4.7 s for gptqmodel, paid by every
 no quantization_config) and that does not quantize it (no quantization_bit) needs none of them;
 one with quantization_bit needs bitsandbytes only. They are hidden from this process the way Python
 documents for it (sys.modules[name] = None: find_spec reports them absent, import raises ImportError),
-before transformers is imported. A model that is not a local folder hides nothing.
+before transformers is imported. A model that is not a local folder hides no quantization library.
+deepspeed (~0.3 s) is imported by accelerate whenever installed; a run without a DeepSpeed config hides it.
 """
 
 from __future__ import annotations
@@ -17,18 +18,27 @@ import sys
 from pathlib import Path
 
 QUANTIZERS = ("bitsandbytes", "torchao", "gptqmodel", "optimum")
+OPTIONAL = (*QUANTIZERS, "deepspeed", "trl", "liger_kernel")  # heavy and needed by some runs only
 
 
-def unused(model_name_or_path: str, quantization_bit: int | None) -> list[str]:
-    """The quantization libraries this run will not touch (empty when that cannot be known here)."""
+def loaded() -> list[str]:
+    """The optional libraries this process has imported (metrics.json "optional_libraries")."""
+    return [name for name in OPTIONAL if sys.modules.get(name) is not None]
+
+
+def unused(model_name_or_path: str, quantization_bit: int | None, deepspeed: bool) -> list[str]:
+    """The optional libraries this run will not touch: deepspeed without a DeepSpeed config (accelerate
+    imports it whenever it is installed, to unwrap models), and the quantization libraries when the
+    model is a local folder that is not quantized (all of them; bitsandbytes stays for QLoRA)."""
+    out = [] if deepspeed else ["deepspeed"]
     config = Path(model_name_or_path) / "config.json"
     try:
         quantized = "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return []
+        return out  # a hub id, or no readable config: nothing known about its quantization
     if quantized:
-        return []
-    return [name for name in QUANTIZERS if not (quantization_bit and name == "bitsandbytes")]
+        return out
+    return [name for name in QUANTIZERS if not (quantization_bit and name == "bitsandbytes")] + out
 
 
 def hide(names: list[str]) -> list[str]:

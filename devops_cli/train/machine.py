@@ -86,6 +86,16 @@ def problems(r, launch, ds_config: dict | None) -> tuple[list[DevopsError], obje
     if r.bf16 and old:
         bad("bf16", f"bf16 is on, but {old[0]['name']} (compute capability {old[0]['capability']}) has no bf16",
             "set bf16=false fp16=true (Qwen may need a lower learning rate in fp16), or use an Ampere or newer GPU")
+    # --- liger-kernel (a TrainingArguments pass-through): Triton kernels, GPU only ---------------------
+    if r.extra.get("use_liger_kernel"):
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            bad("use_liger_kernel", "use_liger_kernel is on, but liger-kernel is not installed",
+                "pip install liger-kernel (in this venv), or set use_liger_kernel=false")
+        elif not gpus:
+            bad("use_liger_kernel", "use_liger_kernel is on, but its kernels are Triton GPU kernels and this machine "
+                "has no GPU", "set use_liger_kernel=false to train here, or run on GPUs")
     # --- the model ----------------------------------------------------------------------------------
     name = r.model_name_or_path
     if is_hub_id(name):
@@ -143,6 +153,13 @@ def _deepspeed_here(r, config: dict, gpu: bool) -> list[DevopsError]:
                                + " with a C++ compiler, and this machine has none", where,
                                "install one (apt-get install g++), or train without deepspeed here"))
     return out
+
+
+def zero_stage(config: dict | None) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (0 when it names none); None without DeepSpeed."""
+    if config is None:
+        return None
+    return (config.get("zero_optimization") or {}).get("stage", 0)
 
 
 def read_deepspeed(r) -> dict | None:

@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devops_cli.train.machine import zero_stage
+
 GiB = 1024**3
 GPU_RUNTIME = 1.0 * GiB  # CUDA context + caching-allocator slack, per GPU
 CPU_RUNTIME = 0.65 * GiB  # a CPU worker before the model: the tiny model's workers peak at 0.7 GiB (bench/memory.py)
@@ -203,7 +205,7 @@ def estimate(r, processes: int, nodes: int, gpus: list[dict], ds_config: dict | 
     A recipe for GPUs (bf16/fp16) on a machine without one is planned per GPU, against an unknown size."""
     world = processes * nodes
     half = 2 if (r.bf16 or r.fp16) else 4
-    stage = ((ds_config or {}).get("zero_optimization") or {}).get("stage", 0) if ds_config is not None else None
+    stage = zero_stage(ds_config)
     zero = (ds_config or {}).get("zero_optimization") or {}
     offload_opt = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
     offload_par = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")

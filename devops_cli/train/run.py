@@ -13,7 +13,7 @@ from pathlib import Path
 
 from devops_cli import modeling
 from devops_cli.console import info
-from devops_cli.train import data, packing
+from devops_cli.train import data, lean, packing
 from devops_cli.train.recipe import Recipe
 from devops_cli.train.worker import STARTED_ENV
 
@@ -112,7 +112,9 @@ def peak_memory() -> dict:
 
 def _zero3(r: Recipe) -> bool:
     """Whether the recipe's DeepSpeed config shards the weights (ZeRO stage 3)."""
-    return bool(r.deepspeed) and (json.loads(Path(r.deepspeed).read_text()).get("zero_optimization") or {}).get("stage") == 3
+    from devops_cli.train.machine import read_deepspeed, zero_stage
+
+    return zero_stage(read_deepspeed(r)) == 3
 
 
 def _collator(r: Recipe, args, model, train_set, tokenizer):
@@ -229,7 +231,8 @@ def run(r: Recipe) -> dict:
     metrics = dict(result.metrics)
     tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     metrics.update(attn_implementation=getattr(model.config, "_attn_implementation", None),
-                   packing=r.stage == "sft" and packing.is_packed(trainer.data_collator))
+                   packing=r.stage == "sft" and packing.is_packed(trainer.data_collator),
+                   use_liger_kernel=bool(args.use_liger_kernel), optional_libraries=lean.loaded())
     metrics.update(train_tokens=int(tokens), train_tokens_per_second=tokens / seconds if seconds else 0.0,
                    global_step=trainer.state.global_step, data=report.__dict__,
                    world_size=args.world_size, resumed_from=resume, finished_at=time.time(),

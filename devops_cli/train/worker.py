@@ -131,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         from devops_cli.train import lean, recipe
 
         r = recipe.load(recipe_path)
-        hidden = lean.hide(lean.unused(r.model_name_or_path, r.quantization_bit))  # before transformers loads
+        hidden = lean.hide(lean.unused(r.model_name_or_path, r.quantization_bit, bool(r.deepspeed)))  # before transformers
         from devops_cli.console import info
         from devops_cli.train import run as train
 
         if hidden:
-            info(f"not loaded (the model is not quantized here): {', '.join(hidden)}")
+            info(f"not loaded (this run does not use them): {', '.join(hidden)}")
         train.run(r)
     except DevopsError as e:
         fail_all(e, f"[rank {rank}] ")

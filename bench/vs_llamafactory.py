@@ -24,6 +24,15 @@ Per run, from the files each tool writes (trainer_state.json, all_results.json /
 The best run of each (highest tokens/s; lowest fixed cost, lowest wall) is compared; ratios are
 devops-model over LLaMA-Factory (above 1 is faster for tokens/s; below 1 is cheaper for fixed cost);
 losses are the mean over the repeats (seeds).
+
+The losses are not the same number on both sides. The Trainer divides a batch's summed loss by
+num_items_in_batch, and the transformers LLaMA-Factory pins (5.6) counts every label, the first of
+each row included, though a causal LM predicts no token for it; transformers 5.24 (ours) counts the
+shifted labels, the tokens really predicted. A pt batch of 256-token blocks so reads 255/256 of its
+loss in LLaMA-Factory (exact: every block is full), and pt is compared on the predicted-token loss
+(LLaMA-Factory's x 256/255, printed as its own line). sft is not corrected: LLaMA-Factory's "qwen"
+template also trains the "\n" after each <|im_end|> (one more token per example: the tokens column),
+so its sft loss is a different average, lower by construction.
 """
 
 from __future__ import annotations
@@ -43,6 +52,14 @@ VENV = ROOT / ".venv-llamafactory"
 VERSION = "0.9.5"
 PY = VENV / "bin" / "python"
 SYSTEM = "You are a helpful assistant."  # in every sft record: both tools' templates then use the same one
+
+
+def counts_unshifted_labels() -> bool:
+    """Whether LLaMA-Factory's transformers divides the loss by all labels rather than the shifted ones
+    (read from its Trainer's source: the fix counts `labels[..., 1:]`)."""
+    site = subprocess.run([str(PY), "-c", "import transformers, os; print(os.path.dirname(transformers.__file__))"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    return 'batch["labels"][..., 1:]' not in (Path(site) / "trainer.py").read_text(encoding="utf-8")
 
 
 def _imports(module: str) -> bool:
@@ -200,6 +217,7 @@ def main() -> None:
                       f"fixed {m['fixed']:5.1f} s  {m['tokens']:>8} tokens  {m['tps']:7.0f} tokens/s  "
                       f"loss {m['loss']:.4f} @ {m['loss_step']}", flush=True)  # fmt: skip
 
+    unshifted = counts_unshifted_labels()
     print(f"\n{args.steps} steps, batch 8, fp32, 1 process, {os.cpu_count()} CPU cores; best of {args.repeat} alternating "
           f"runs (seeds 42..{41 + args.repeat}); loss: mean over the seeds at step {args.steps}")
     print(f"{'case':<9} {'tool':<13} {'tokens/s':>9} {'train s':>8} {'wall s':>7} {'fixed s':>8} {'tokens':>8} {'loss':>7} {'seed spread':>12}")
@@ -214,6 +232,11 @@ def main() -> None:
             print(f"{case:<9} {tool:<13} {b['tps']:>9.0f} {b['train']:>8.1f} {b['wall']:>7.1f} {b['fixed']:>8.1f} "
                   f"{b['tokens']:>8} {b['loss']:>7.4f} {b['spread']:>12.4f}")  # fmt: skip
         lf, dm = best["LLaMA-Factory"], best["devops-model"]
+        if CASES[case][0] == "pt" and unshifted:  # the same loss as ours: per predicted token
+            k = PT_BLOCK / (PT_BLOCK - 1)
+            lf = {**lf, "loss": lf["loss"] * k, "spread": lf["spread"] * k}
+            print(f"{case:<9} {'LF x256/255':<13} {'':>9} {'':>8} {'':>7} {'':>8} {'':>8} {lf['loss']:>7.4f} "
+                  f"{lf['spread']:>12.4f}  (its loss per predicted token)")  # fmt: skip
         noise = max(lf["spread"], dm["spread"])
         verdict = "within" if abs(dm["loss"] - lf["loss"]) <= noise else "outside"
         print(f"{case:<9} {'ratio':<13} {dm['tps'] / lf['tps']:>8.2f}x {'':>8} {dm['wall'] / lf['wall']:>6.2f}x "

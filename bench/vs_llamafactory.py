@@ -21,7 +21,8 @@ Per run, from the files each tool writes (trainer_state.json, all_results.json /
   train s   the Trainer's train_runtime;   tokens/s = tokens / train s
   wall      the whole command, measured here;   fixed = wall - train s (start-up and shut-down)
   loss      the logged training loss at the last step
-The best run of each (highest tokens/s; lowest fixed cost, lowest wall) is compared; ratios are
+The best run of each (highest tokens/s; lowest fixed cost, lowest wall) is compared (tokens: the mean
+ratio over runs of the same seed, so of the same examples); ratios are
 devops-model over LLaMA-Factory (above 1 is faster for tokens/s; below 1 is cheaper for fixed cost);
 losses are the mean over the repeats (seeds).
 
@@ -135,7 +136,7 @@ def llamafactory_config(case: str, model: Path, data: Path, out: Path, steps: in
     cfg = dict(model_name_or_path=str(model), stage=stage, do_train=True, finetuning_type=kind,
                dataset=dataset, dataset_dir=str(data), template="qwen",
                cutoff_len=PT_BLOCK if stage == "pt" else SFT_CUTOFF, overwrite_cache=True,
-               output_dir=str(out), overwrite_output_dir=True, logging_steps=10, save_steps=100000,
+               output_dir=str(out), overwrite_output_dir=True, logging_steps=min(10, steps), save_steps=100000,
                save_strategy="no", plot_loss=False, report_to="none", per_device_train_batch_size=8,
                gradient_accumulation_steps=1, learning_rate=1e-3, lr_scheduler_type="cosine",
                max_steps=steps, bf16=False, fp16=False, seed=seed, val_size=0,
@@ -148,7 +149,7 @@ def llamafactory_config(case: str, model: Path, data: Path, out: Path, steps: in
 def devops_overrides(case: str, model: Path, data: Path, out: Path, steps: int, seed: int) -> list[str]:
     stage, kind, dataset = CASES[case]
     o = [f"model_name_or_path={model}", f"dataset={dataset}", f"dataset_dir={data}", f"finetuning_type={kind}",
-         f"output_dir={out}", "overwrite_output_dir=true", "logging_steps=10", "save_steps=100000",
+         f"output_dir={out}", "overwrite_output_dir=true", f"logging_steps={min(10, steps)}", "save_steps=100000",
          "plot_loss=false", "report_to=none", "per_device_train_batch_size=8", "gradient_accumulation_steps=1",
          "learning_rate=1e-3", "lr_scheduler_type=cosine", f"max_steps={steps}", "warmup_ratio=0", "bf16=false",
          "fp16=false", f"seed={seed}", "val_size=0", "eval_steps=null", "nproc_per_node=1"]  # fmt: skip
@@ -239,8 +240,10 @@ def main() -> None:
                   f"{lf['spread']:>12.4f}  (its loss per predicted token)")  # fmt: skip
         noise = max(lf["spread"], dm["spread"])
         verdict = "within" if abs(dm["loss"] - lf["loss"]) <= noise else "outside"
+        pairs = zip(runs[(case, "devops-model")], runs[(case, "LLaMA-Factory")])  # the same seed: the same examples
+        tokens = sum(d["tokens"] / f["tokens"] for d, f in pairs) / args.repeat
         print(f"{case:<9} {'ratio':<13} {dm['tps'] / lf['tps']:>8.2f}x {'':>8} {dm['wall'] / lf['wall']:>6.2f}x "
-              f"{dm['fixed'] / lf['fixed']:>7.2f}x {dm['tokens'] / lf['tokens']:>7.3f}x {dm['loss'] - lf['loss']:>+7.4f}"
+              f"{dm['fixed'] / lf['fixed']:>7.2f}x {tokens:>7.3f}x {dm['loss'] - lf['loss']:>+7.4f}"
               f"  ({verdict} the seed spread {noise:.4f})")  # fmt: skip
     print(f"runs in {work}")
 

@@ -75,8 +75,9 @@ def build(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 2, voca
         intermediate_size=intermediate_size or hidden_size * 3, num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads, max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True, bos_token_id=None, eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
     )  # fmt: skip
+    # no pad_token_id, as in Qwen2's own configs: nn.Embedding would zero the row of <|endoftext|> (pt's
+    # document separator) and never train it; the tokenizer and generation config name the pad token
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(

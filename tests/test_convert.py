@@ -170,6 +170,7 @@ def test_output_files_and_sharding(tmp_path):
     assert names == {k: tuple(v) for k, v in expected_shapes(config).items()}
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"][:3] == [151643, 151645, 151644] and gen["pad_token_id"] == 151643
+    assert "pad_token_id" not in config  # else Qwen2's embedding freezes <|endoftext|> (padding_idx)
     assert gen["top_p"] == 0.8 and gen["do_sample"] is True and "stop_words_ids" not in gen
     assert {"tokenizer.json", "tokenizer_config.json", "devops-model-conversion.json"} <= {p.name for p in out.iterdir()}
 

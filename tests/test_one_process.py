@@ -137,6 +137,18 @@ def test_resumed_padding_free_sft_continues_bit_identically(tiny_model, tmp_path
     assert _digest(resumed) == _digest(straight)  # and the same final weights, bit for bit
 
 
+def test_the_same_seed_trains_the_same_lora_adapter(tiny_model, tmp_path):
+    """LoRA's A matrices are drawn when the adapter is added, before the Trainer seeds: the recipe's
+    seed must already hold then, or two runs of one recipe differ (torch seeds itself per process)."""
+    common = ["finetuning_type=lora", "max_steps=2", "val_size=0", "eval_steps=null", "report_to=none",
+              "plot_loss=false", "save_steps=100"]  # fmt: skip
+    first, second, other = tmp_path / "first", tmp_path / "second", tmp_path / "other"
+    for out, seed in ((first, 42), (second, 42), (other, 7)):
+        _ok(run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={out}", f"seed={seed}", *common))
+    assert _digest(first) == _digest(second)
+    assert _digest(first) != _digest(other)
+
+
 def test_use_liger_kernel_passes_through_or_says_why_not(tiny_model, tmp_path):
     """use_liger_kernel is TrainingArguments' own key; where it cannot run, one line before any worker."""
     import importlib.util

@@ -33,3 +33,20 @@ def test_model_shape_size_and_chat_generation(tiny_model):
     assert out.shape[1] > ids["input_ids"].shape[1]
     assert set(model.generation_config.eos_token_id) == set(tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
     assert torch.isfinite(model(**ids).logits).all()
+
+
+def test_the_document_separator_trains(tiny_model):
+    """<|endoftext|> ends every pt document; a config pad_token_id equal to it would make nn.Embedding
+    zero that row and drop its gradient (padding_idx), as Qwen2's own configs never do."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    eos = tok.eos_token_id
+    assert model.config.pad_token_id is None and model.generation_config.pad_token_id == tok.pad_token_id == eos
+    row = model.get_input_embeddings().weight
+    assert row[eos].abs().sum() > 0  # initialised like every other row
+    ids = torch.tensor([tok("kubectl get pods")["input_ids"] + [eos] + tok("docker ps")["input_ids"]])
+    model.model(input_ids=ids).last_hidden_state.sum().backward()  # the input side only
+    assert row.grad[eos].abs().sum() > 0

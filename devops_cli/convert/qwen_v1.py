@@ -92,7 +92,9 @@ def qwen2_config(v1: dict, where: Path) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": float(_pick(v1, where, "rotary_emb_base", "rope_theta",
                                                                                 default=10000))},
         "tie_word_embeddings": bool(v1.get("tie_word_embeddings", False)), "use_sliding_window": False,
-        "bos_token_id": SPECIAL_START, "eos_token_id": SPECIAL_START, "pad_token_id": SPECIAL_START,
+        # no pad_token_id (v1 has none; generation_config names it): Qwen2's nn.Embedding would freeze
+        # the row of <|endoftext|>, pt's document separator
+        "bos_token_id": SPECIAL_START, "eos_token_id": SPECIAL_START,
         "qwen_v1_seq_length": seq_length,
         "qwen_v1_max_window": _pick(v1, where, "max_position_embeddings", "n_positions", default=seq_length),
         "qwen_v1_use_logn_attn": bool(v1.get("use_logn_attn", False)),

@@ -160,9 +160,12 @@ def run(r: Recipe) -> dict:
     clock = Clock()
     clock("launch")
     import torch
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
 
     clock("imports")
+    # the recipe's seed before anything random is drawn: LoRA's initial weights come before the
+    # Trainer, which seeds only when it is built (torch's own start-up seed differs every run)
+    set_seed(r.seed)
     if r.stage == "dpo":
         from devops_cli.train import preference
 

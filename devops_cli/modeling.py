@@ -134,6 +134,18 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
     return model
 
 
+def train_every_embedding(model) -> int | None:
+    """A config's pad_token_id makes nn.Embedding drop that row's gradient (padding_idx). Where the pad
+    token is also the eos — pt's document separator, and many checkpoints' choice — its input embedding
+    would never train. Padded positions need no such guard (labels -100 and the attention mask give them
+    no gradient), so training clears it; returns the id it cleared."""
+    embedding = model.get_input_embeddings()
+    pad = getattr(embedding, "padding_idx", None)
+    if pad is not None:
+        embedding.padding_idx = None
+    return pad
+
+
 def add_lora(model, rank: int, alpha: float, dropout: float, target: str, gradient_checkpointing: bool):
     import_quietly("gptqmodel")  # before peft, which imports it (and its stdout banner) when installed
     from peft import LoraConfig, TaskType, get_peft_model

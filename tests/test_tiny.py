@@ -50,3 +50,25 @@ def test_the_document_separator_trains(tiny_model):
     ids = torch.tensor([tok("kubectl get pods")["input_ids"] + [eos] + tok("docker ps")["input_ids"]])
     model.model(input_ids=ids).last_hidden_state.sum().backward()  # the input side only
     assert row.grad[eos].abs().sum() > 0
+
+
+def test_training_clears_a_pad_token_ids_frozen_embedding_row(tiny_model):
+    """A user's model whose config names pad_token_id = eos: training makes that row trainable again."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from devops_cli.modeling import train_every_embedding
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.pad_token_id = config.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, config=config)
+    ids = torch.tensor([[5, 6, config.eos_token_id, 7, 8]])
+
+    def separator_grad():
+        model.zero_grad()
+        model.model(input_ids=ids).last_hidden_state.sum().backward()
+        return model.get_input_embeddings().weight.grad[config.eos_token_id].abs().sum().item()
+
+    assert separator_grad() == 0  # nn.Embedding's padding_idx: this is what a pt run would get
+    assert train_every_embedding(model) == config.eos_token_id
+    assert separator_grad() > 0 and train_every_embedding(model) is None

@@ -199,6 +199,8 @@ def run(r: Recipe) -> dict:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=r.gradient_checkpointing)
+    if (pad := modeling.train_every_embedding(model)) is not None:
+        info(f"the embedding of token {pad} (the config's pad_token_id) trains like every other row")
     use_cache = model.config.use_cache
     if r.gradient_checkpointing:
         model.config.use_cache = False

@@ -155,10 +155,11 @@ def test_dpo_lora_margin_grows_over_30_steps_and_exports(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["torchrun2", "zero3-full"])
+@pytest.mark.parametrize("variant", ["torchrun2", "zero3-lora", "zero3-full"])
 def test_dpo_under_torchrun_and_zero3(variant, tiny_model, tmp_path):
     out = tmp_path / variant
     extra = {"torchrun2": ["nproc_per_node=2", "learning_rate=2e-3"],  # 5e-3 spikes within 8 steps at 2 x 4 pairs
+             "zero3-lora": ["nproc_per_node=2", f"deepspeed={ROOT}/configs/deepspeed/zero3.json", "learning_rate=2e-3"],
              "zero3-full": ["nproc_per_node=2", f"deepspeed={ROOT}/configs/deepspeed/zero3.json", "finetuning_type=full",
                             "learning_rate=1e-3"]}[variant]  # fmt: skip
     _ok(run_cli("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", f"output_dir={out}", "max_steps=8", "logging_steps=2", *extra))

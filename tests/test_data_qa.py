@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from teacher_double import TeacherDouble
 
 from conftest import ROOT, run_cli
 from devops_cli.data.chunk import chunk_text
-from teacher_double import TeacherDouble
 
 AWS = "AKIAIOSFODNN7EXAMPL3"
 PASSWORD = "hunter2-Sup3rSecret!"

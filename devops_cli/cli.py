@@ -15,6 +15,7 @@ import typer
 from devops_cli.chat.command import chat
 from devops_cli.console import fail, fail_all, quiet_imports
 from devops_cli.convert.command import convert_command
+from devops_cli.data.command import data_app
 from devops_cli.errors import DevopsError
 from devops_cli.eval.command import eval_command
 from devops_cli.quantize.command import quantize_command
@@ -42,6 +43,7 @@ app.command("chat")(chat)
 app.command("serve")(serve_command)
 app.command("convert")(convert_command)
 app.command()(export)
+app.add_typer(data_app, name="data")
 app.command()(tiny)
 app.command()(keys)
 

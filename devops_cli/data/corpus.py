@@ -136,11 +136,24 @@ def dedup_task(records: list[dict], boilerplate: frozenset, min_chars: int) -> l
     return out
 
 
+def _submit(executor, fn, args):
+    """executor.submit with Ctrl-C ignored while it may start a worker: a spawned process keeps an
+    ignored SIGINT from birth, so the terminal's Ctrl-C (sent to the whole process group) reaches this
+    process alone, which cancels the rest and cleans up; a worker still importing would print a traceback."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return executor.submit(fn, *args)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _ordered(executor, fn, tasks, ahead: int):
     """executor.map that keeps at most `ahead` tasks in flight (bounded memory), results in order."""
     pending: deque = deque()
     for args in tasks:
-        pending.append(executor.submit(fn, *args))
+        pending.append(_submit(executor, fn, args))
         if len(pending) >= ahead:
             yield pending.popleft().result()
     while pending:
@@ -249,10 +262,11 @@ def run(opts: Options) -> Report:
     work = opts.output / f".{opts.name}.work-{os.getpid()}"
     work.mkdir()
     progress = _progress(opts.progress)
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=(str(opts.secrets_rules) if opts.secrets_rules else None, opts.scrub_ips,
+                                         opts.max_file_mb * 2**20))
     try:
-        with progress, ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                           initargs=(str(opts.secrets_rules) if opts.secrets_rules else None,
-                                                     opts.scrub_ips, opts.max_file_mb * 2**20)) as pool:
+        with progress:
             # pass 1: read, clean, scrub -> spool; boilerplate line counts
             spool = work / "spool.jsonl"
             keys: list = []
@@ -340,6 +354,7 @@ def run(opts: Options) -> Report:
         report.seconds = round(time.time() - started, 2)
         _publish(opts, work, tmp_jsonl, report, info_path)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(work, ignore_errors=True)
     return report
 

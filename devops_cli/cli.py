@@ -33,7 +33,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# the workflow's order: train, compress, measure, use; then the tools around it
+# the workflow's order: data, train, compress, measure, use; then the tools around it
+app.add_typer(data_app, name="data")
 app.command()(pt)
 app.command()(sft)
 app.command()(dpo)
@@ -43,7 +44,6 @@ app.command("chat")(chat)
 app.command("serve")(serve_command)
 app.command("convert")(convert_command)
 app.command()(export)
-app.add_typer(data_app, name="data")
 app.command()(tiny)
 app.command()(keys)
 

@@ -15,6 +15,7 @@ import typer
 from devops_cli.chat.command import chat
 from devops_cli.console import fail, fail_all, quiet_imports
 from devops_cli.convert.command import convert_command
+from devops_cli.data.command import data_app
 from devops_cli.errors import DevopsError
 from devops_cli.eval.command import eval_command
 from devops_cli.quantize.command import quantize_command
@@ -32,7 +33,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# the workflow's order: train, compress, measure, use; then the tools around it
+# the workflow's order: data, train, compress, measure, use; then the tools around it
+app.add_typer(data_app, name="data")
 app.command()(pt)
 app.command()(sft)
 app.command()(dpo)

@@ -2,7 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := .[deepspeed,dev,qlora,quantize,serve]
+EXTRAS := .[data,deepspeed,dev,qlora,quantize,serve]
 # requirements.lock: every Python package at the version the test suite passed on (written by
 # `make lock`, never by hand), except torch. Without a GPU, torch is pinned to the CPU build
 # (constraints.txt); with nvidia-smi on PATH pip picks the ordinary CUDA torch and its CUDA libraries.
@@ -11,7 +11,7 @@ LOCK   := $(CURDIR)/requirements.lock
 PIN    := $(if $(shell command -v nvidia-smi 2>/dev/null),,$(CURDIR)/constraints.txt)
 PYTEST ?= -q
 
-.PHONY: install test test-fast demo lint bench clean lock browser
+.PHONY: install test test-fast demo lint bench clean lock browser docs-corpus
 
 install: $(STAMP)
 
@@ -44,12 +44,21 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "no chromium: the chat page test will be skipped (apt-get install chromium)"; }
 
-test: $(STAMP) browser
+# the data tests read Debian's documentation packages (real documents nobody here wrote: HTML, text, PDF, .gz);
+# without apt (or root) they are skipped with a reason
+DEBIAN_DOCS := debian-reference-en debian-reference-zh-cn postgresql-doc-15 nginx-doc docker-doc
+docs-corpus:
+	@missing=$$(for p in $(DEBIAN_DOCS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) || \
+	  echo "no Debian doc packages ($$missing): the data corpus tests on real documents will be skipped"; }
+
+test: $(STAMP) browser docs-corpus
 	$(PY) -m pytest $(PYTEST)
 
 # everything but the tests marked slow (worker launches, GPTQ, the full exam, models loaded in fresh
 # CLI processes): the quick loop while developing
-test-fast: $(STAMP)
+test-fast: $(STAMP) docs-corpus
 	$(PY) -m pytest $(PYTEST) -m "not slow"
 
 DM   := $(PY) -m devops_cli

@@ -15,8 +15,7 @@ import typer
 from devops_cli.chat.command import chat
 from devops_cli.console import fail, fail_all, quiet_imports
 from devops_cli.convert.command import convert_command
-from devops_cli.data.teach_command import exam as data_exam
-from devops_cli.data.teach_command import qa as data_qa
+from devops_cli.data.command import data_app
 from devops_cli.errors import DevopsError
 from devops_cli.eval.command import eval_command
 from devops_cli.quantize.command import quantize_command
@@ -34,7 +33,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# the workflow's order: train, compress, measure, use; then the tools around it
+# the workflow's order: data, train, compress, measure, use; then the tools around it
+app.add_typer(data_app, name="data")
 app.command()(pt)
 app.command()(sft)
 app.command()(dpo)
@@ -46,12 +46,6 @@ app.command("convert")(convert_command)
 app.command()(export)
 app.command()(tiny)
 app.command()(keys)
-
-data_app = typer.Typer(name="data", help="Documents → training data and an exam of your own.", no_args_is_help=True,
-                       rich_markup_mode="rich")
-data_app.command("qa")(data_qa)
-data_app.command("exam")(data_exam)
-app.add_typer(data_app, name="data")
 
 
 # commands that leave nothing to clean up when they succeed (results, transcripts, checkpoints and logs

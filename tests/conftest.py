@@ -78,3 +78,37 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run([sys.executable, "-m", "devops_cli", *args], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+class Ran:
+    """What a CLI call left: returncode, stdout, stderr (the fields of subprocess.CompletedProcess)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_main(*args: str, input: str = "", cwd: Path | None = None, env: dict | None = None) -> Ran:
+    """The CLI in this process: `devops_cli.cli.main(argv)` with stdin given and stdout/stderr captured.
+    For what fails (or finishes) before any worker starts; a fresh interpreter costs ~5 s of imports, so
+    run_cli is for tests of the process itself (exit codes of signals, torch not imported, workers)."""
+    import contextlib
+    import io
+
+    from devops_cli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_stdin = dict(os.environ), sys.stdin
+    os.environ.update({"COLUMNS": "200", **(env or {})})
+    sys.stdin = io.TextIOWrapper(io.BytesIO(input.encode("utf-8")), encoding="utf-8")
+    try:
+        with contextlib.chdir(cwd or ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        sys.stdin = saved_stdin
+    return Ran(code, out.getvalue(), err.getvalue())

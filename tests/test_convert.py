@@ -19,7 +19,7 @@ from test_convert_kit import (
     write_v1,
 )
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 torch = pytest.importorskip("torch")
 
@@ -199,7 +199,7 @@ def test_convert_command(small_v1, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "converted" in r.stdout and "Qwen2ForCausalLM" in r.stdout
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
-    _one_line_error(run_cli("convert", "--model", str(small_v1), "--output", str(tmp_path / "out")),
+    _one_line_error(run_main("convert", "--model", str(small_v1), "--output", str(tmp_path / "out")),
                     "exists", "--overwrite")
 
 
@@ -207,19 +207,19 @@ def test_convert_command(small_v1, tmp_path):
 def test_bad_inputs_are_one_line(small_v1, tiny_model, tmp_path):
     import shutil
 
-    _one_line_error(run_cli("convert", "--model", str(tiny_model), "--output", str(tmp_path / "a")),
+    _one_line_error(run_main("convert", "--model", str(tiny_model), "--output", str(tmp_path / "a")),
                     "is not a Qwen v1 checkpoint")
-    _one_line_error(run_cli("convert", "--model", str(tmp_path), "--output", str(tmp_path / "b")), "no config.json")
+    _one_line_error(run_main("convert", "--model", str(tmp_path), "--output", str(tmp_path / "b")), "no config.json")
     no_vocab = tmp_path / "no_vocab"
     shutil.copytree(small_v1, no_vocab, symlinks=True)
     (no_vocab / "qwen.tiktoken").unlink()
-    _one_line_error(run_cli("convert", "--model", str(no_vocab), "--output", str(tmp_path / "c")), "qwen.tiktoken")
+    _one_line_error(run_main("convert", "--model", str(no_vocab), "--output", str(tmp_path / "c")), "qwen.tiktoken")
     for fmt in ("safetensors", "bin"):
         cfg = v1_config("2023-08", seq_length=64)
         src = write_v1(tmp_path / f"cut-{fmt}", cfg, v1_weights(cfg), fmt, 2)
         shard = sorted(src.glob(f"*-00002-of-00002.{fmt}"))[0]
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # an interrupted download
-        _one_line_error(run_cli("chat", "--model", str(src), "--prompt", "hi"), "truncated", shard.name, progress=True)
+        _one_line_error(run_main("chat", "--model", str(src), "--prompt", "hi"), "truncated", shard.name, progress=True)
         assert not (tmp_path / f"cut-{fmt}-qwen2").exists() and not list(tmp_path.glob(f".cut-{fmt}-qwen2.tmp-*"))
 
 
@@ -235,7 +235,7 @@ def test_pickled_code_in_a_bin_never_runs(tmp_path):
             return (os.system, (f"touch {mark}",))
 
     torch.save({"transformer.wte.weight": Payload()}, src / "pytorch_model.bin")
-    _one_line_error(run_cli("convert", "--model", str(src), "--output", str(tmp_path / "out")), "pytorch_model.bin")
+    _one_line_error(run_main("convert", "--model", str(src), "--output", str(tmp_path / "out")), "pytorch_model.bin")
     assert not mark.exists()
 
 

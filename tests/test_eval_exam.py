@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED, run_cli
+from conftest import ROOT, SHARED, run_main
 from devops_cli.errors import DevopsError
 from devops_cli.eval.exam import discover, load_local, read_csv
 from kit import BUNDLED_EXAM
@@ -48,7 +48,7 @@ def exam(tmp_path) -> Path:
 
 
 def fails(*args, cwd=ROOT):
-    r = run_cli("eval", "--model", "no-such-model", *args, cwd=cwd)
+    r = run_main("eval", "--model", "no-such-model", *args, cwd=cwd)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -108,7 +108,7 @@ def test_existing_output_is_kept_unless_overwrite(exam, tmp_path, monkeypatch):
     line = fails("--data-dir", str(exam), "--subjects", "all", "--output", str(out))
     assert f"--output: '{out}' exists" in line and "--overwrite" in line and out.read_text() == "earlier results"
     # with --overwrite the run goes on (here to the missing model), the file is replaced only by results
-    r = run_cli("eval", "--model", str(tmp_path / "no-model"), "--data-dir", str(exam), "--subjects", "all",
+    r = run_main("eval", "--model", str(tmp_path / "no-model"), "--data-dir", str(exam), "--subjects", "all",
                 "--output", str(out), "--overwrite")
     assert r.returncode == 2 and "no-model" in r.stderr and "exists" not in r.stderr, r.stderr
     assert out.read_text() == "earlier results"
@@ -136,13 +136,13 @@ def test_short_dev_file_against_shots(exam):
 def test_recipe_errors_name_file_and_line(tmp_path, exam):
     recipe = tmp_path / "eval.yaml"
     recipe.write_text(f"model: no-such-model\ndata_dir: {exam}\nsubjects: all\nshots: 7\n")
-    r = run_cli("eval", str(recipe))
+    r = run_main("eval", str(recipe))
     assert r.returncode == 2 and f"{recipe}:4 (shots): 7 shots is out of range" in r.stderr
     recipe.write_text("model: x\nshot: 5\n")
-    r = run_cli("eval", str(recipe))
+    r = run_main("eval", str(recipe))
     assert r.returncode == 2 and f"{recipe}:2: unknown key 'shot'" in r.stderr and "did you mean 'shots'" in r.stderr
     # a flag overrides the recipe, so the error names the flag
-    r = run_cli("eval", str(ROOT / "configs" / "eval.yaml"), "--shots", "9")
+    r = run_main("eval", str(ROOT / "configs" / "eval.yaml"), "--shots", "9")
     assert r.returncode == 2 and "--shots: 9 shots" in r.stderr
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, write_jsonl
+from conftest import run_main, write_jsonl
 
 
 @dataclass
@@ -229,7 +229,7 @@ def test_hostile_input_is_one_clear_line_and_exit_2(name, ctx):
     case = CASES[name]
     before = {k: digest(Path(ctx[k] if k in ctx else ctx["root"] / k)) for k in case.keep}
     argv = case.argv(ctx) if callable(case.argv) else case.argv
-    r = run_cli(*argv, input=case.stdin, cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    r = run_main(*argv, input=case.stdin, cwd=Path(__file__).resolve().parent.parent)
     out = r.stderr + r.stdout
     assert "Traceback" not in out, out
     assert r.returncode == case.code, out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED, run_cli
+from conftest import ROOT, SHARED, run_cli, run_main
 from devops_cli.train import memory, recipe
 
 
@@ -72,7 +72,7 @@ def test_a_run_that_cannot_fit_is_refused_with_numbers_and_fixes(tmp_path):
     plan, extra = memory.plan_recipe(r, 1, 1, [], None)
     if plan.fits:
         pytest.skip(f"this machine has {memory.gib(plan.available)}, enough for {memory.gib(plan.need)}")
-    res = run_cli(*args)
+    res = run_main(*args)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     line = next(line for line in res.stderr.splitlines() if "memory plan:" in line)
     assert f"this run needs about {memory.gib(plan.need)} per CPU worker, this machine has {memory.gib(plan.available)}" in line
@@ -82,10 +82,10 @@ def test_a_run_that_cannot_fit_is_refused_with_numbers_and_fixes(tmp_path):
     assert "force=true launches anyway" in line
     assert not out.exists()  # refused before output_dir was made
     # --dry-run shows the plan and what would stop the launch, and exits 0
-    dry = run_cli(*args, "--dry-run")
+    dry = run_main(*args, "--dry-run")
     assert dry.returncode == 0 and "# memory plan per CPU worker" in dry.stdout
     assert "on this machine the launch would stop: memory plan:" in dry.stderr
-    forced = run_cli(*args, "--force", "--dry-run")
+    forced = run_main(*args, "--force", "--dry-run")
     assert forced.returncode == 0 and "memory plan:" not in forced.stderr and "force: true" in forced.stdout
 
 
@@ -96,7 +96,7 @@ def test_the_14b_recipe_on_this_machine_stops_before_any_worker(tmp_path):
     if shutil.which("nvidia-smi"):
         pytest.skip("this test is about a machine without a GPU")
     out = tmp_path / "14b"
-    r = run_cli("sft", str(ROOT / "configs" / "14b-sft.yaml"), f"output_dir={out}", env={"HF_HUB_OFFLINE": "1"})
+    r = run_main("sft", str(ROOT / "configs" / "14b-sft.yaml"), f"output_dir={out}", env={"HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert any("nproc_per_node 8 [recipe] on a node with no GPU" in e for e in errors)
@@ -104,7 +104,7 @@ def test_the_14b_recipe_on_this_machine_stops_before_any_worker(tmp_path):
     assert any("model 'Qwen/Qwen2.5-14B' is neither a local directory nor in the hub cache" in e for e in errors)
     assert any("memory plan: this run needs about" in e and "per GPU, 8 GPU(s) per node" in e for e in errors)
     assert not out.exists()
-    dry = run_cli("sft", str(ROOT / "configs" / "14b-sft.yaml"), f"output_dir={out}", "--dry-run", env={"HF_HUB_OFFLINE": "1"})
+    dry = run_main("sft", str(ROOT / "configs" / "14b-sft.yaml"), f"output_dir={out}", "--dry-run", env={"HF_HUB_OFFLINE": "1"})
     assert dry.returncode == 0 and "# memory plan per GPU (8 per node), model 14.77B parameters" in dry.stdout
     assert "(this machine: no GPU)" in dry.stdout and not out.exists()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 from devops_cli.errors import DevopsError
 from devops_cli.train import checks, recipe
 
@@ -166,7 +166,7 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, data_dir, model_dir):
         name, entry, *file = data_edit
         _edit_data(data_dir, name, entry, file[0] if file else None)
     path = _recipe(tmp_path, data_dir, model_dir, **changes)
-    r = run_cli("sft", str(path), *argv, "--dry-run", cwd=tmp_path)
+    r = run_main("sft", str(path), *argv, "--dry-run", cwd=tmp_path)
     assert r.returncode == 2, r.stderr + r.stdout
     assert "Traceback" not in r.stderr + r.stdout
     lines = r.stderr.strip().splitlines()
@@ -177,22 +177,22 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, data_dir, model_dir):
 def test_yaml_syntax_and_duplicate_keys_name_the_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage: sft\nmodel_name_or_path: m\n  dataset: [x\n")
-    r = run_cli("sft", str(bad), "--dry-run")
+    r = run_main("sft", str(bad), "--dry-run")
     assert r.returncode == 2 and f"{bad}:3" in r.stderr and "Traceback" not in r.stderr
     dup = tmp_path / "dup.yaml"
     dup.write_text("stage: sft\nlearning_rate: 1e-4\nseed: 1\nlearning_rate: 2e-4\n")
-    r = run_cli("sft", str(dup), "--dry-run")
+    r = run_main("sft", str(dup), "--dry-run")
     assert r.returncode == 2 and f"{dup}:4: key 'learning_rate' appears twice (also line 2)" in r.stderr
 
 
 def test_missing_recipe_file():
-    r = run_cli("sft", "configs/no-such.yaml", "--dry-run")
+    r = run_main("sft", "configs/no-such.yaml", "--dry-run")
     assert r.returncode == 2 and r.stderr.strip() == "error: recipe file not found: configs/no-such.yaml — check the path (configs/ holds examples)"
 
 
 def test_all_problems_are_reported_at_once(tmp_path, data_dir, model_dir):
     path = _recipe(tmp_path, data_dir, model_dir, learnig_rate=1, bf16="maybe", seed="x")
-    r = run_cli("sft", str(path), "--dry-run")
+    r = run_main("sft", str(path), "--dry-run")
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 3
 

@@ -15,11 +15,12 @@ dpo: each preference record becomes its prompt (every turn before the rated answ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from devops_cli import dataset_info
 from devops_cli.errors import DevopsError, first_line
 from devops_cli.templates import DEFAULT_SYSTEM, END_OF_TURN
+from devops_cli.train import mix
 from devops_cli.train.recipe import Recipe
 
 IGNORE = -100
@@ -35,10 +36,14 @@ class DataReport:
     dropped_tokens: int = 0  # pt: tail that did not fill a block
     dropped_examples: int = 0  # sft: examples with no trained token left
     truncated_examples: int = 0  # sft
+    mix: dict = field(default_factory=dict)  # several datasets: {name: {"tokens", "share"}} (train/mix.py)
 
     def lines(self, stage: str) -> str:
         if self.examples == 0 and self.tokens == 0:  # streaming: nothing is read before training
             return f"{stage} data: streamed (packed on the fly; counted in metrics.json as it is read)"
+        return self._lines(stage) + (f"\n{stage} data {mix.line(self.mix)}" if self.mix else "")
+
+    def _lines(self, stage: str) -> str:
         if stage == "dpo":
             return (f"dpo data: {self.examples} preference examples kept, {self.trained_tokens}/{self.tokens} tokens "
                     f"scored; {self.truncated_examples} truncated, {self.dropped_examples} dropped")
@@ -140,9 +145,7 @@ def to_preferences(entry):
 
 def load_all(recipe: Recipe, num_proc: int | None):
     """Every dataset of the recipe, standardised to {text} (pt), {messages} (sft) or preferences (dpo:
-    to_preferences), concatenated."""
-    import datasets
-
+    to_preferences), concatenated or interleaved (mix_strategy, train/mix.py)."""
     parts = []
     for name in recipe.datasets:
         entry = dataset_info.resolve(name, recipe.dataset_dir, recipe.stage, recipe.where("dataset"))
@@ -155,13 +158,14 @@ def load_all(recipe: Recipe, num_proc: int | None):
             fn, kwargs = to_messages(entry), {"with_indices": True}
         parts.append(ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
                             desc=f"reading {name}", **kwargs))
-    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return mix.combine(parts, recipe.datasets, recipe.mix_strategy, recipe.interleave_probs, recipe.seed,
+                       recipe.where("interleave_probs"))
 
 
 # ----------------------------------------------------------------------------------------------
 # pt: pack documents into blocks
 # ----------------------------------------------------------------------------------------------
-def pack(raw, tokenizer, block_size: int, num_proc: int | None = None):
+def pack(raw, tokenizer, block_size: int, num_proc: int | None = None, names: list[str] | None = None):
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DevopsError(f"tokenizer {tokenizer.name_or_path} has no eos_token", hint="set eos_token in tokenizer_config.json")
@@ -178,9 +182,12 @@ def pack(raw, tokenizer, block_size: int, num_proc: int | None = None):
 
     tokenized = raw.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc, desc="tokenizing")
     # large map batches: the only tokens lost are the tail of each 10k-document batch
-    blocks = tokenized.map(group, batched=True, batch_size=PACK_BATCH, remove_columns=["length"], num_proc=num_proc,
-                           desc="packing")
+    mixed = mix.SOURCE in tokenized.column_names
+    blocks = tokenized.map(group, batched=True, batch_size=PACK_BATCH, num_proc=num_proc, desc="packing",
+                           remove_columns=["length", mix.SOURCE] if mixed else ["length"])
     report = DataReport(examples=len(raw), tokens=sum(tokenized["length"]), blocks=len(blocks))
+    if mixed:
+        mix.count(report.mix, names, tokenized[mix.SOURCE], tokenized["length"])
     report.trained_tokens = report.blocks * block_size
     report.dropped_tokens = report.tokens - report.trained_tokens
     if report.blocks == 0:
@@ -329,9 +336,14 @@ def build_sft(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
             out["labels"].append(labels)
             out["truncated"].append(truncated)
             out["valid"].append(any(t != IGNORE for t in labels))
+        if mix.SOURCE in batch:
+            out[mix.SOURCE] = list(batch[mix.SOURCE])
         return out
 
     kept, report = _encode_and_keep(raw, fn, num_proc)
+    if mix.SOURCE in kept.column_names:
+        mix.count(report.mix, recipe.datasets, kept[mix.SOURCE], [len(x) for x in kept["input_ids"]])
+        kept = kept.remove_columns([mix.SOURCE])
     report.tokens = sum(len(x) for x in kept["input_ids"])
     report.trained_tokens = sum(sum(1 for t in x if t != IGNORE) for x in kept["labels"])
     if report.examples == 0:
@@ -380,7 +392,7 @@ def build(recipe: Recipe, tokenizer, num_proc: int | None = None):
     """-> (train, eval or None, DataReport)"""
     raw = load_all(recipe, num_proc)
     if recipe.stage == "pt":
-        dataset, report = pack(raw, tokenizer, recipe.max_source_length, num_proc)
+        dataset, report = pack(raw, tokenizer, recipe.max_source_length, num_proc, recipe.datasets)
     elif recipe.stage == "dpo":
         dataset, report = build_preferences(raw, tokenizer, recipe, num_proc)
     else:

@@ -19,6 +19,7 @@ from devops_cli.errors import DevopsError, DevopsErrors, did_you_mean
 from devops_cli.options import allowed, coerce, describe, read_yaml
 
 REQUIRED = "<required>"
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")  # LLaMA-Factory's names (train/mix.py)
 STAGES = ("pt", "sft", "dpo")
 PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo", "kto")
 BUNDLED_DATA = "bundled"  # dataset_dir value meaning the sample data shipped in the package
@@ -55,6 +56,10 @@ class Recipe:
     streaming: bool = _k(False, "pt/sft: read the datasets as streams, packed on the fly (corpora bigger than RAM; "
                          "needs max_steps)")
     buffer_size: int = _k(16384, "streaming: shuffle buffer, in blocks (pt) or examples (sft)")
+    mix_strategy: str = _k("concat", "several datasets: concat, interleave_under (sample by interleave_probs until "
+                           "the first runs out) or interleave_over (until the last runs out)", MIX_STRATEGIES)
+    interleave_probs: str | None = _k(None, "interleave: one sampling probability per dataset, e.g. 0.8,0.2 "
+                                      "(default: equal turns); the run reports the proportions by tokens")
     # --- preference alignment (dpo) -------------------------------------------------------------
     pref_loss: str = _k("sigmoid", "dpo loss: sigmoid (DPO), ipo, hinge, orpo, simpo (no reference model), or kto "
                         "(a KTO dataset: answers with kto_tag)", PREF_LOSSES)
@@ -308,6 +313,17 @@ def value_problems(r: Recipe) -> list[DevopsError]:
         bad("buffer_size", "buffer_size is set but streaming is not", "set streaming: true, or drop the key")
     if r.buffer_size < 1:
         bad("buffer_size", f"buffer_size must be >= 1, got {r.buffer_size}")
+    if r.interleave_probs is not None:
+        if r.mix_strategy == "concat":
+            bad("interleave_probs", "interleave_probs is set but mix_strategy is concat",
+                "set mix_strategy: interleave_under (or interleave_over), or drop the key")
+        else:
+            from devops_cli.train.mix import probabilities
+
+            try:
+                probabilities(r.interleave_probs, len(r.datasets), r.where("interleave_probs"))
+            except DevopsError as e:
+                errors.append(e)
     if r.quantization_bit is not None:
         if r.quantization_bit not in (4, 8):
             bad("quantization_bit", f"quantization_bit must be 4 or 8, got {r.quantization_bit}",

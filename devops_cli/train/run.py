@@ -228,6 +228,10 @@ def run(r: Recipe) -> dict:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - started
+    if r.streaming and report.mix:  # the proportions the stream gave, now that it has been read
+        from devops_cli.train.mix import line
+
+        info(f"{r.stage} data {line(report.mix)}")
 
     (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = use_cache  # as loaded
     trainer.save_model()  # ZeRO-3: gathers a full state dict (stage3_gather_16bit_weights_on_model_save)

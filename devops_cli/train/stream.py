@@ -31,7 +31,7 @@ def build(recipe: Recipe, tokenizer):
     (`buffer_size`), whatever the corpus size. The eval set is the first `val_size` blocks (examples)
     of the stream, which training then skips; both are split the same way when the workers shard
     the stream, so they never overlap."""
-    import datasets
+    from devops_cli.train import mix
 
     eos = tokenizer.eos_token_id
     renderer = data.Renderer(tokenizer, recipe.template, recipe.system_prompt) if recipe.stage == "sft" else None
@@ -43,20 +43,25 @@ def build(recipe: Recipe, tokenizer):
             parts.append(ds.map(data._to_text(entry), batched=True).select_columns(["text"]))
         else:
             parts.append(ds.map(data.to_messages(entry), batched=True, with_indices=True).select_columns(["messages"]))
-    stream = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    stream = mix.combine(parts, recipe.datasets, recipe.mix_strategy, recipe.interleave_probs, recipe.seed,
+                         recipe.where("interleave_probs"))
+    report = data.DataReport()  # its mix fills in as the stream is read (several datasets)
     block = recipe.max_source_length
 
     def pack_batch(batch):
         import numpy as np
 
-        flat = [t for ids in tokenizer(batch["text"], add_special_tokens=False)["input_ids"] for t in ids + [eos]]
+        ids_list = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        if mix.SOURCE in batch:
+            mix.count(report.mix, recipe.datasets, batch[mix.SOURCE], [len(ids) + 1 for ids in ids_list])
+        flat = [t for ids in ids_list for t in ids + [eos]]
         # int64 rows (2 KB a block, a tenth of a list of Python ints), labels the same row: the shuffle buffer's size
         blocks = list(np.asarray(flat[: len(flat) // block * block], dtype=np.int64).reshape(-1, block))
         return {"input_ids": blocks, "labels": blocks}
 
     def encode_batch(batch):
         out = {"input_ids": [], "labels": []}
-        for messages in batch["messages"]:
+        for i, messages in enumerate(batch["messages"]):
             try:
                 input_ids, labels, _ = data.encode_sft(renderer, messages, recipe.max_source_length, recipe.max_target_length)
             except ValueError:
@@ -64,18 +69,21 @@ def build(recipe: Recipe, tokenizer):
             if any(t != data.IGNORE for t in labels):
                 out["input_ids"].append(input_ids)
                 out["labels"].append(labels)
+                if mix.SOURCE in batch:
+                    mix.count(report.mix, recipe.datasets, [batch[mix.SOURCE][i]], [len(input_ids)])
         return out
 
+    tag = [mix.SOURCE] if len(parts) > 1 else []
     if recipe.stage == "pt":
-        stream = stream.map(pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=["text"])
+        stream = stream.map(pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=["text", *tag])
     else:
-        stream = stream.map(encode_batch, batched=True, batch_size=1000, remove_columns=["messages"])
+        stream = stream.map(encode_batch, batched=True, batch_size=1000, remove_columns=["messages", *tag])
     eval_set = None
     n = int(recipe.val_size)
     if n:
         eval_set, stream = stream.take(n), stream.skip(n)
     train = stream.shuffle(seed=recipe.seed, buffer_size=recipe.buffer_size)
-    return train, eval_set, data.DataReport()
+    return train, eval_set, report
 
 
 def configure(args, train_set) -> str:

@@ -1,0 +1,1 @@
+"""Documents -> training data: read (formats, one reading rule), clean, secrets (scrub), dedup, corpus."""

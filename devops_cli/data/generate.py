@@ -73,7 +73,7 @@ def guard_output(output: Path, inputs: list[Path], marker: Path, results: list[P
 
 
 def chunks_of(inputs: list[Path], output: Path, max_chars: int, min_chars: int, scrub: bool, rules_file: str | None,
-              report: dict) -> list[Chunk]:
+              report: dict, ips: bool = False) -> list[Chunk]:
     """Chunks of every document, secrets scrubbed (counted per kind) before anything leaves the machine."""
     skips: list = []
     chunks: list[Chunk] = []
@@ -83,7 +83,7 @@ def chunks_of(inputs: list[Path], output: Path, max_chars: int, min_chars: int, 
         from devops_cli.data.secrets import load_rules
         from devops_cli.data.secrets import scrub as scrub_text
 
-        rules = load_rules(rules_file)
+        rules = load_rules(rules_file, ips)
     n_docs = 0
     for text, source, title in documents(inputs, output, skips):
         n_docs += 1

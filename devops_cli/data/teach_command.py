@@ -24,7 +24,8 @@ Attempts = Annotated[int, typer.Option(min=1, max=20, help="tries per request (b
 MaxRequests = Annotated[int | None, typer.Option("--max-requests", min=0, help="stop sending after this many requests (cached replies are free)")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="print what would be asked and its size; send nothing")]
 Scrub = Annotated[bool, typer.Option("--scrub/--no-scrub", help="replace secrets and personal data before anything is sent (on by default)")]
-Rules = Annotated[str | None, typer.Option("--secret-rules", help="YAML of extra rules / allow-list (see docs/data.md)")]
+Rules = Annotated[str | None, typer.Option("--secrets-rules", help="YAML: allow (regexes kept) and rules (kind: regex) added to the scrubber (docs/data.md)")]
+Ips = Annotated[bool, typer.Option("--scrub-ips", help="replace IPv4 addresses too (public and private)")]
 Lang = Annotated[str, typer.Option(help="prompt language: auto (per chunk), en or zh")]
 Prompts = Annotated[Path | None, typer.Option("--prompts", help="folder with your own prompt files (same names as the bundled ones)")]
 MaxChars = Annotated[int, typer.Option(min=200, max=100_000, help="largest chunk in characters (code blocks are never cut)")]
@@ -61,7 +62,8 @@ def qa(
     language: Lang = "auto",
     prompts: Prompts = None,
     scrub: Scrub = True,
-    secret_rules: Rules = None,
+    secrets_rules: Rules = None,
+    scrub_ips: Ips = False,
     dry_run: DryRun = False,
     tokenizer: Tokenizer = None,
     overwrite: Overwrite = False,
@@ -78,7 +80,7 @@ def qa(
     marker = output / g.CACHE / f"{name}.teacher.jsonl"
     g.guard_output(output, docs, marker, [result, report_path], overwrite)
     report: dict = {"command": "data qa", "name": name}
-    chunks = g.chunks_of(docs, output, max_chars, min_chars, scrub, secret_rules, report)
+    chunks = g.chunks_of(docs, output, max_chars, min_chars, scrub, secrets_rules, report, scrub_ips)
     settings = Settings(chars_per_question=chars_per_question, max_questions=max_questions, min_grounding=min_grounding,
                         language=language, prompts_dir=prompts)
     if dry_run:
@@ -138,7 +140,8 @@ def exam(
     language: Lang = "auto",
     prompts: Prompts = None,
     scrub: Scrub = True,
-    secret_rules: Rules = None,
+    secrets_rules: Rules = None,
+    scrub_ips: Ips = False,
     dry_run: DryRun = False,
     tokenizer: Tokenizer = None,
     overwrite: Overwrite = False,
@@ -158,7 +161,7 @@ def exam(
     chunks = {}
     for name, paths in groups.items():
         part: dict = {}
-        chunks[name] = g.chunks_of(paths, output, max_chars, min_chars, scrub, secret_rules, part)
+        chunks[name] = g.chunks_of(paths, output, max_chars, min_chars, scrub, secrets_rules, part, scrub_ips)
         report["subjects"][name] = part
     report.update({k: sum((p[k] for p in report["subjects"].values()), start=0) for k in ("documents", "chunks")})
     report["secrets_redacted"] = g.merge_counts(p["secrets_redacted"] for p in report["subjects"].values())

@@ -18,7 +18,7 @@ from devops_cli.console import console
 from devops_cli.convert.tokenizer import qwen_pipeline
 from devops_cli.dataset_info import BUNDLED_DIR
 from devops_cli.errors import DevopsError
-from devops_cli.outputs import new_output_dir
+from devops_cli.outputs import new_output_dir, staged_dir
 from devops_cli.templates import CHATML
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -61,8 +61,12 @@ def build(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 2, voca
           intermediate_size: int | None = None, num_heads: int = 4, num_kv_heads: int = 2,
           max_position_embeddings: int = 4096, seed: int = 0, overwrite: bool = False) -> Path:
     """Write a randomly initialised Qwen2ForCausalLM + tokenizer + generation config to out_dir."""
-    out = Path(out_dir)
-    new_output_dir(out, overwrite, where=None)
+    out = new_output_dir(out_dir, overwrite, where=None, inputs={"bundled data": BUNDLED_DIR})
+    for name, value, low, high in (("hidden_size", hidden_size, 8, 1 << 16), ("layers", num_layers, 1, 1024),
+                                   ("vocab_size", vocab_size, 260, 1 << 20), ("seed", seed, 0, 2**32 - 1)):
+        if not low <= value <= high:
+            raise DevopsError(f"{name} {value} is out of range", f"--{name.replace('_', '-')}",
+                              f"use {low}..{high}" + (" (256 bytes + 3 special tokens at least)" if name == "vocab_size" else ""))
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise DevopsError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
     import torch
@@ -84,9 +88,9 @@ def build(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 2, voca
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
         max_new_tokens=256, do_sample=False,
     )  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with staged_dir(out, where=None) as staged:  # whole or not at all: no config.json without weights
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
     return out
 
 

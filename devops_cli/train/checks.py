@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from devops_cli import dataset_info, records
+from devops_cli import dataset_info, outputs, records
 from devops_cli.errors import DevopsError, DevopsErrors
-from devops_cli.outputs import writable_or_raise
+from devops_cli.reading import read_json
 from devops_cli.sources import hub_reachable, is_hub_id
 from devops_cli.train.launch import LOCK
 from devops_cli.train.recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved
@@ -84,8 +84,8 @@ def _model_problems(r: Recipe, errors: list, warnings: list) -> str | None:
             errors.append(DevopsError(f"'{path}' has no config.json, so it is not a model directory", where))
             return None
         try:
-            check_model_dir(path, where)
-            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+            check_model_dir(path, where, tokenizer=True)
+            model_type = read_json(config, where).get("model_type")
         except DevopsError as e:
             errors.append(e)
             return None
@@ -198,11 +198,13 @@ def deepspeed_problems(config: dict, where: str, r: Recipe | None = None) -> lis
 def resume_decision(r: Recipe) -> Path | None:
     """What a run does with output_dir: start (None), resume (the checkpoint), or refuse (DevopsError:
     a file, not writable, another run, foreign checkpoints the Trainer would rotate away)."""
-    out = Path(r.output_dir)
     where = r.where("output_dir")
+    out = outputs.check_name(r.output_dir, where)
+    outputs.check_kind(out, where)
+    outputs.not_an_input(out, inputs(r), where)
     if out.exists() and not out.is_dir():
         raise DevopsError(f"output_dir '{out}' is a file", where)
-    writable_or_raise(out, where)
+    outputs.writable_or_raise(out, where)
     if out.is_dir() and r.save_total_limit and (others := own_checkpoints(out)[1]):
         raise DevopsError(f"output_dir '{out}' holds {', '.join(p.name for p in others[:3])}, not saved by devops-model; "
                           f"with save_total_limit the Trainer would delete it", where,
@@ -227,6 +229,20 @@ def resume_decision(r: Recipe) -> Path | None:
     if r.resume_from_checkpoint not in (None, True):
         return _explicit_checkpoint(r)
     return last_checkpoint(out)
+
+
+def inputs(r: Recipe) -> list[tuple[str, str]]:
+    """(what, local path) of everything a run reads, which output_dir may not be, hold or sit in."""
+    model = Path(r.model_name_or_path).expanduser()
+    found = [("model", str(model) if (model / "config.json").exists() else None), ("DeepSpeed config", r.deepspeed),
+             ("dataset_dir", str(dataset_info.resolve_dir(r.dataset_dir)))]
+    for name in r.datasets:
+        try:
+            entry = dataset_info.resolve(name, r.dataset_dir, r.stage, r.where("dataset"))
+        except DevopsError:
+            continue  # reported by check()
+        found += [(f"data of '{name}'", str(f)) for f in entry.files]
+    return found
 
 
 def _explicit_checkpoint(r: Recipe) -> Path:

@@ -85,16 +85,11 @@ def die_with_launcher() -> None:
 def disk_full(e: BaseException, output_dir: Path) -> str | None:
     """The one line for a save that ran out of disk (OSError ENOSPC, or torch's zip writer failing
     with 'unexpected pos' / 'file write failed' for the same reason), or None."""
-    import errno
     import shutil
 
-    chain, seen = [], e
-    while seen is not None and len(chain) < 10:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    full = any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain) or any(
-        m in str(x) for x in chain for m in ("No space left on device", "unexpected pos", "file write failed"))
-    if not full:
+    from devops_cli.outputs import is_disk_full
+
+    if not is_disk_full(e):
         return None
     from devops_cli.train.checks import last_checkpoint
 

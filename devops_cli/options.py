@@ -79,10 +79,10 @@ def check_seed(value, where: str | None, key: str = "seed") -> None:
         raise DevopsError(f"{key} {value} is out of range", where, f"use 0..{SEED_MAX} (2**32 - 1)")
 
 
-def check_finite(value, where: str | None, key: str) -> None:
+def check_finite(value, where: str | None, key: str | None = None) -> None:
     """The one float rule: nan, inf and values that overflow to it (1e400) are no setting."""
     if isinstance(value, float) and not math.isfinite(value):
-        raise DevopsError(f"{key} must be a finite number, got {value}", where)
+        raise DevopsError(f"{key + ' ' if key else ''}must be a finite number, got {value}", where)
 
 
 def describe(kinds: tuple) -> str:
@@ -226,7 +226,7 @@ def command(schema, body, doc: str, recipe_help: str, aliases: dict[str, str] | 
         flags = {k: v for k, v in kwargs.items() if not (k in switches and v is False)}
         values, where = apply_flags(values, origin, flags)
         for name, value in values.items():  # flags typer parsed as floats skip coerce: the same rule here
-            check_finite(value, where("--" + name.replace("_", "-")), "--" + name.replace("_", "-"))
+            check_finite(value, where("--" + name.replace("_", "-")))
         return body(schema(**values), where)
 
     run.__signature__ = inspect.Signature(params)

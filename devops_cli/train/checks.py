@@ -143,6 +143,7 @@ def _quantization_problems(r: Recipe, model_type: str | None, errors: list) -> N
 def _data_problems(r: Recipe, errors: list, warnings: list) -> None:
     if not r.datasets:
         errors.append(DevopsError("dataset is empty", r.where("dataset"), "name at least one dataset from dataset_info.json"))
+    counts = []  # records per local dataset (after max_samples); None for a hub dataset
     for name in r.datasets:
         try:
             entry = dataset_info.resolve(name, r.dataset_dir, r.stage, r.where("dataset"))
@@ -152,11 +153,34 @@ def _data_problems(r: Recipe, errors: list, warnings: list) -> None:
                     f" but pref_loss is {r.pref_loss}", r.where("pref_loss"),
                     "use pref_loss: sigmoid/ipo/hinge with pairs" if entry.kto is False else "set pref_loss: kto"))
                 continue
-            errors += records.problems(entry)  # every record, streamed
+            found = records.scan(entry)  # every record, streamed
+            errors += found.errors
+            warnings += found.warnings
+            counts.append(min(found.records, r.max_samples or found.records) if entry.files else None)
             if msg := dataset_info.check_sha1(entry):
                 warnings.append(msg)
         except DevopsError as e:
             errors.append(e)
+    if counts and None not in counts and not errors:
+        _size_problems(r, sum(counts), errors, warnings)
+
+
+def _size_problems(r: Recipe, n: int, errors: list, warnings: list) -> None:
+    """A data set too small for val_size or for one optimizer step, counted before launch (records:
+    conversations for sft, pairs for dpo; pt packs documents into blocks, counted only once tokenized)."""
+    unit = {"sft": "examples", "dpo": "preference records"}.get(r.stage)
+    if unit is None or r.streaming:
+        return
+    held = int(r.val_size) if r.val_size >= 1 else max(1, round(r.val_size * n)) if r.val_size else 0
+    if held >= n:
+        errors.append(DevopsError(f"val_size {r.val_size:g} holds out {held} of the {n} {unit}: nothing is left to train on",
+                                  r.where("val_size"), f"lower val_size (below {n}), or add data"))
+        return
+    step = r.per_device_train_batch_size * r.gradient_accumulation_steps
+    if n - held < step:
+        warnings.append(f"the data holds {n - held} {unit} to train on, fewer than one optimizer step takes "
+                        f"({r.per_device_train_batch_size} per device x {r.gradient_accumulation_steps} accumulation "
+                        f"= {step}): each step sees every example")
 
 
 def check_deepspeed(path: Path, r: Recipe) -> list[DevopsError]:

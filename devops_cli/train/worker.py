@@ -2,7 +2,8 @@
 one-process run main() called in the devops-model process itself (launch.run_here).
 
 Every rank writes its output to OUTPUT_DIR/logs/rank{RANK}.log; rank 0 also to the terminal.
-Exit codes: 0 done, 2 a problem the user can fix (one line), 130 interrupted, 1 a crash (traceback).
+Exit codes: 0 done, 2 a problem the user can fix (one line), 3 training diverged (a non-finite loss or
+gradient norm; one line naming the step, no final model saved), 130 interrupted, 1 a crash (traceback).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         train.run(r)
     except DevopsError as e:
         fail_all(e, f"[rank {rank}] ")
-        return 2
+        return e.exit_code  # 2: a problem to fix; 3: training diverged (errors.Diverged)
     except KeyboardInterrupt:
         return 130
     except Exception as e:

@@ -95,7 +95,7 @@ def build(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 2, voca
 
 
 def tiny(
-    output: Annotated[Path, typer.Argument(help="directory for the model")],
+    output: Annotated[str, typer.Argument(help="directory for the model", show_default=False)],  # str: "" stays empty
     hidden_size: Annotated[int, typer.Option(help="hidden size (>= 128 for GPTQ group size 128)")] = 128,
     layers: Annotated[int, typer.Option(help="transformer layers")] = 2,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size")] = 4096,

@@ -18,7 +18,7 @@ from devops_cli.console import console
 def convert_command(
     model: Annotated[Path, typer.Option("--model", help="Qwen v1 checkpoint directory (config.json, qwen.tiktoken, "
                                         "*.bin or *.safetensors)", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="new directory for the Qwen2 checkpoint",
+    output: Annotated[str, typer.Option("--output", "-o", help="new directory for the Qwen2 checkpoint",
                                          show_default=False)],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
     max_shard_size: Annotated[float, typer.Option(help="largest output shard, in GB")] = 5.0,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from devops_cli.convert.tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
 from devops_cli.errors import DevopsError, first_line
-from devops_cli.outputs import disk_full, new_output_dir, replace_dir
+from devops_cli.outputs import check_name, disk_full, new_output_dir, replace_dir
 
 STOP_IDS = [151643, 151645, 151644]  # <|endoftext|>, <|im_end|>, <|im_start|>: v1 chat stops on each
 MARKER = "devops-model-conversion.json"  # written last: its presence means a complete conversion
@@ -294,7 +294,7 @@ def fingerprint(src: Path) -> str:
 def convert(src: str | Path, out: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
             progress=None) -> Path:
     """Convert the Qwen v1 checkpoint in src into a new Qwen2 directory out (written aside, then renamed)."""
-    src, out = Path(src).expanduser(), Path(out).expanduser()
+    src, out = Path(src).expanduser(), check_name(out, "--output")  # "" is refused, not read as "."
     if not src.is_dir():
         raise DevopsError(f"model directory '{src}' does not exist")
     if not (src / "config.json").is_file():

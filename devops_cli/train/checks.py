@@ -114,9 +114,10 @@ def _quantization_problems(r: Recipe, model_type: str | None, errors: list) -> N
 
     config = Path(r.model_name_or_path).expanduser() / "config.json"
     try:
-        quantized = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") if config.is_file() else None
-    except (OSError, ValueError):
-        quantized = None
+        found = read_json(config) if config.is_file() else None
+    except DevopsError:  # reported by _model_problems
+        found = None
+    quantized = found.get("quantization_config") if isinstance(found, dict) else None
     method = (quantized or {}).get("quant_method") if isinstance(quantized, dict) else None
     if method == "gptq" and r.finetuning_type == "lora" and r.lora_target == "all":
         names = ",".join(LORA_MODULES.get(model_type or "qwen2", LORA_MODULES["qwen2"]))

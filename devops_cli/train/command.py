@@ -116,7 +116,7 @@ def dpo(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun =
 
 def export(
     adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter directory (an sft output_dir)")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="where the merged model goes")],
+    output: Annotated[str, typer.Option("--output", "-o", help="where the merged model goes", show_default=False)],
     model: Annotated[str | None, typer.Option("--model", help="base model (default: the adapter's)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="write into a non-empty output dir")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,

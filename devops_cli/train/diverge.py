@@ -23,6 +23,7 @@ def watch(trainer, r) -> None:
     def checked(*args, **kwargs):
         loss = step(*args, **kwargs)
         if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach()).all()):
+            _close_bars(trainer)
             raise Diverged(f"training diverged: the loss is {loss.detach().float().mean().item()} at step "
                            f"{trainer.state.global_step + 1} (learning_rate {r.learning_rate:g})", hint=HINT)
         return loss
@@ -36,10 +37,20 @@ def watch(trainer, r) -> None:
                 if key == "grad_norm" and r.fp16:
                     continue  # fp16's loss scaler meets inf gradients on purpose and skips those steps
                 if isinstance(value, (int, float)) and not math.isfinite(value):
+                    _close_bars(trainer)
                     raise Diverged(f"training diverged: {key} is {value} at step {state.global_step} "
                                    f"(learning_rate {r.learning_rate:g})", hint=HINT)
 
     trainer.add_callback(Logs())
+
+
+def _close_bars(trainer) -> None:
+    """End the Trainer's progress bar line, so the error is a line of its own."""
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
 
 
 def check_weights(model, step: int) -> None:

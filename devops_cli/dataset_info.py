@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from devops_cli.errors import DevopsError, did_you_mean
+from devops_cli.reading import COMPRESSIONS, read_json, split_suffix
 
 BUNDLED_DIR = Path(__file__).parent / "assets" / "data"
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
@@ -74,13 +76,51 @@ def read_registry(dataset_dir: str, where: str) -> tuple[Path, dict]:
     if not info.is_file():
         raise DevopsError(f"no dataset_info.json in '{dataset_dir}'", where,
                           "create one (see README: Data formats) or fix dataset_dir")
-    try:
-        registry = json.loads(info.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DevopsError(f"invalid JSON: {e.msg}", f"{info}:{e.lineno}", "fix the syntax") from None
+    registry = read_json(info)  # its own file:line names it
     if not isinstance(registry, dict):
         raise DevopsError("dataset_info.json must map dataset names to entries", str(info))
     return info, registry
+
+
+def _types(raw: dict, loc: str) -> None:
+    """Every entry key has the type LLaMA-Factory gives it (a list or a number where a name belongs is
+    one line here, not a TypeError in a worker)."""
+    for key in ("file_name", "hf_hub_url", "script_url", "file_sha1", "stage", "formatting", "split", "subset"):
+        if key in raw and raw[key] is not None and not isinstance(raw[key], str):
+            got = type(raw[key]).__name__.replace("dict", "an object").replace("list", "a list")
+            raise DevopsError(f"{key} must be a string, got {got} ({json.dumps(raw[key])[:40]})", loc,
+                              "one file or folder per entry: a folder of files is read whole" if key == "file_name" else None)
+    for key in ("columns", "tags"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise DevopsError(f"{key} must map names to strings, got {json.dumps(value)[:60]}", loc,
+                              'e.g. "tags": {"role_tag": "from", "content_tag": "value"}' if key == "tags"
+                              else 'e.g. "columns": {"prompt": "instruction", "response": "output"}')
+
+
+def data_files(path: Path, loc: str) -> list[Path]:
+    """The data files `file_name` names: the file, or a folder's files (hidden ones skipped). Compressed
+    files count as the file they hold; a dangling link or a file of no data kind is one line."""
+    if not path.is_dir():
+        if not os.path.lexists(path):
+            raise DevopsError(f"data file '{path}' not found", loc, "fix file_name (relative to dataset_dir)")
+        files = [path]
+    else:
+        files = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    for p in files:
+        inner, compression = split_suffix(p)
+        if inner not in LOADERS:
+            kinds = ", ".join(LOADERS)
+            raise DevopsError(f"cannot read '{p}': not a data file ({kinds}; compressed as {', '.join(COMPRESSIONS)})",
+                              loc, "move other files out of the data folder" if p != path else "convert it")
+        if p.is_symlink() and not p.exists():
+            raise DevopsError(f"data file '{p}' is a symlink to '{os.readlink(p)}', which does not exist", loc,
+                              "point the link at the file, or remove it")
+    if not files:
+        raise DevopsError(f"data folder '{path}' holds no data files", loc, "add files, or fix file_name")
+    return files
 
 
 def resolve(name: str, dataset_dir: str, stage: str, where: str) -> DatasetEntry:
@@ -93,6 +133,7 @@ def resolve(name: str, dataset_dir: str, stage: str, where: str) -> DatasetEntry
     loc = f"{info} (dataset '{name}')"
     if not isinstance(raw, dict):
         raise DevopsError("entry must be a mapping with file_name or hf_hub_url", loc)
+    _types(raw, loc)
     unknown = set(raw) - ENTRY_KEYS
     if unknown:
         raise DevopsError(f"unknown entry key(s) {', '.join(sorted(unknown))}", loc,
@@ -130,12 +171,10 @@ def resolve(name: str, dataset_dir: str, stage: str, where: str) -> DatasetEntry
                          tags={**DEFAULT_TAGS, **(raw.get("tags") or {})}, ranking=ranking)
     if "file_name" in raw:
         path = info.parent / raw["file_name"]
-        files = sorted(p for p in path.iterdir() if p.suffix in LOADERS) if path.is_dir() else [path]
-        if not path.exists() or not files:
-            raise DevopsError(f"data file '{path}' not found", loc, "fix file_name (relative to dataset_dir)")
-        kinds = {LOADERS.get(p.suffix) for p in files}
-        if None in kinds or len(kinds) != 1:
-            raise DevopsError(f"cannot read '{path}': use one of {', '.join(LOADERS)} files", loc)
+        files = data_files(path, loc)
+        kinds = {LOADERS[split_suffix(p)[0]] for p in files}
+        if len(kinds) != 1:
+            raise DevopsError(f"'{path}' mixes {' and '.join(sorted(kinds))} files", loc, "one kind of file per dataset")
         entry.files, entry.loader = files, kinds.pop()
     elif "hf_hub_url" in raw:
         entry.hub_id = raw["hf_hub_url"]

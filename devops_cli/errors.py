@@ -37,6 +37,13 @@ class SelfCheckError(DevopsError):
     exit_code = 1
 
 
+class Diverged(DevopsError):
+    """Training reached a non-finite loss or gradient norm: stopped at that step, nothing saved as the
+    final model (earlier checkpoints are kept). One line, exit code 3."""
+
+    exit_code = 3
+
+
 def first_line(e: BaseException) -> str:
     """An exception's first non-empty line, or its type's name when its message is empty."""
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from pathlib import Path
@@ -70,14 +71,36 @@ def allowed(tp) -> tuple[type, ...]:
     return (type(None),) if tp is type(None) else (tp,)
 
 
+SEED_MAX = 2**32 - 1  # numpy's and torch's common range: the one seed rule (recipes, chat, tiny)
+
+
+def check_seed(value, where: str | None, key: str = "seed") -> None:
+    if value is not None and not 0 <= value <= SEED_MAX:
+        raise DevopsError(f"{key} {value} is out of range", where, f"use 0..{SEED_MAX} (2**32 - 1)")
+
+
+def check_finite(value, where: str | None, key: str | None = None) -> None:
+    """The one float rule: nan, inf and values that overflow to it (1e400) are no setting."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DevopsError(f"{key + ' ' if key else ''}must be a finite number, got {value}", where)
+
+
 def describe(kinds: tuple) -> str:
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
              dict: "a mapping", list: "a list", type(None): "null"}  # fmt: skip
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in kinds))
 
 
+NOT_FINITE = "must be a finite number"
+
+
+def mismatch(key: str, kinds: tuple, value, e: ValueError) -> str:
+    """The message for a value coerce() refused."""
+    return f"{key} {str(e) or 'expects ' + describe(kinds)}, got {value!r}"
+
+
 def coerce(value, kinds: tuple[type, ...]):
-    """Return value converted to one of `kinds`, or raise ValueError."""
+    """Return value converted to one of `kinds`, or raise ValueError (its text, if any, says why)."""
     if value is None and type(None) in kinds:
         return None
     if isinstance(value, bool):
@@ -87,6 +110,8 @@ def coerce(value, kinds: tuple[type, ...]):
     if isinstance(value, int) and int in kinds:
         return value
     if isinstance(value, (int, float)) and float in kinds:
+        if not math.isfinite(float(value)):
+            raise ValueError(NOT_FINITE)  # nan, inf, 1e400: no setting is infinite
         return float(value)
     if isinstance(value, float) and int in kinds and value.is_integer():
         return int(value)
@@ -99,9 +124,18 @@ def coerce(value, kinds: tuple[type, ...]):
         for t in (int, float):
             if t in kinds:
                 try:
-                    return t(value)
+                    number = t(value)
                 except ValueError:
-                    pass
+                    try:  # 1e4 for an integer key: a whole number written as YAML 1.1 does not read it
+                        whole = float(value)
+                    except ValueError:
+                        continue
+                    if t is float or not whole.is_integer():
+                        continue
+                    number = int(whole)
+                if t is float and not math.isfinite(number):
+                    raise ValueError(NOT_FINITE)
+                return number
     if isinstance(value, (dict, list)) and type(value) in kinds:
         return value
     raise ValueError
@@ -133,8 +167,8 @@ def read_recipe(path: Path, schema, aliases: dict[str, str] | None = None) -> tu
         kinds = allowed(hints[name])
         try:
             values[name] = coerce(value, kinds)
-        except ValueError:
-            errors.append(DevopsError(f"{key} expects {describe(kinds)}, got {value!r}", where))
+        except ValueError as e:
+            errors.append(DevopsError(mismatch(str(key), kinds, value, e), where))
             continue
         origin[name] = f"{where} ({key})"
     if errors:
@@ -191,6 +225,8 @@ def command(schema, body, doc: str, recipe_help: str, aliases: dict[str, str] | 
         values, origin = read_recipe(recipe, schema, aliases) if recipe is not None else ({}, {})
         flags = {k: v for k, v in kwargs.items() if not (k in switches and v is False)}
         values, where = apply_flags(values, origin, flags)
+        for name, value in values.items():  # flags typer parsed as floats skip coerce: the same rule here
+            check_finite(value, where("--" + name.replace("_", "-")))
         return body(schema(**values), where)
 
     run.__signature__ = inspect.Signature(params)

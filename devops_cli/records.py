@@ -11,23 +11,45 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from devops_cli import reading
 from devops_cli.dataset_info import DatasetEntry
 from devops_cli.errors import DevopsError, first_line
 
 MAX_PER_FILE = 3
+STRUCTURED = ("history", "messages", "chosen", "rejected")  # roles whose CSV cells hold JSON
+
+
+@dataclass
+class Scan:
+    """What one pass over a dataset's records found: problems (errors), warnings, and the counts the
+    pre-launch checks weigh (records, identical preference pairs, KTO labels)."""
+
+    errors: list[DevopsError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    records: int = 0
+    pairs_same: int = 0
+    pairs: int = 0
+    kto: dict = field(default_factory=lambda: {True: 0, False: 0})
+    seen_roles: set = field(default_factory=set)  # optional roles some record has
 
 
 def problems(entry: DatasetEntry) -> list[DevopsError]:
-    """One error per distinct problem (the first record that has it; how many more do), at most
-    MAX_PER_FILE distinct problems per file."""
-    out: list[DevopsError] = []
+    return scan(entry).errors
+
+
+def scan(entry: DatasetEntry) -> Scan:
+    """Every record of every local file of `entry`: one error per distinct problem (the first record
+    that has it; how many more do), at most MAX_PER_FILE distinct problems per file; warnings and counts."""
+    out = Scan()
     for path in entry.files:
         first: dict[str, str] = {}  # message -> where it was first seen
         repeats: dict[str, int] = {}
         other = 0
-        for where, message in _file_problems(entry, path):
+        errors: list[DevopsError] = []
+        for where, message in _file_problems(entry, path, out):
             if message in first:
                 repeats[message] += 1
             elif len(first) < MAX_PER_FILE:
@@ -36,85 +58,161 @@ def problems(entry: DatasetEntry) -> list[DevopsError]:
                 other += 1
         for message, where in first.items():
             more = [f"{repeats[message]} more record(s) like it"] if repeats[message] else []
-            out.append(DevopsError(message, where, "; ".join(more) or None))
-        if other and out:
-            out[-1].hint = "; ".join(filter(None, [out[-1].hint, f"{other} other problem(s) in {path.name}"]))
+            errors.append(DevopsError(message, where, "; ".join(more) or None))
+        if other and errors:
+            errors[-1].hint = "; ".join(filter(None, [errors[-1].hint, f"{other} other problem(s) in {path.name}"]))
+        out.errors += errors
+    if not out.errors:
+        _weigh(entry, out)
     return out
 
 
-def _file_problems(entry: DatasetEntry, path: Path):
+def _weigh(entry: DatasetEntry, s: Scan) -> None:
+    """Degenerate data, counted: identical pairs, one-class KTO data, mapped columns no record has."""
+    c = entry.columns
+    if entry.ranking and not entry.kto and s.pairs:
+        if s.pairs_same == s.pairs:
+            s.errors.append(DevopsError(
+                f"chosen equals rejected in every record ({s.pairs}): there is no preference to learn", entry.where,
+                f"check the '{c['chosen']}' and '{c['rejected']}' columns"))
+        elif s.pairs_same:
+            s.warnings.append(f"{entry.where}: chosen equals rejected in {s.pairs_same} of {s.pairs} records "
+                              "(they teach nothing and dilute the rest)")
+    if entry.kto and s.records:
+        good, bad = s.kto[True], s.kto[False]
+        if not good or not bad:
+            kind = "desirable (kto_tag true)" if good else "undesirable (kto_tag false)"
+            s.errors.append(DevopsError(f"all {good + bad} KTO records are {kind}: KTO weighs desirable against "
+                                        "undesirable answers and needs some of each", entry.where,
+                                        "add the other kind, or train desirable answers alone with `devops-model sft`"))
+    for role in sorted(entry.explicit - set(_needed(entry)) - s.seen_roles):
+        if role in c and entry.loader != "parquet":
+            s.warnings.append(f"{entry.where}: column '{c[role]}' ({role}) is mapped but no record has it: read as empty")
+
+
+def _file_problems(entry: DatasetEntry, path: Path, s: Scan):
+    try:
+        reading.check_file(path, what="data file")
+    except DevopsError as e:
+        yield str(path), e.message
+        return
     if path.stat().st_size == 0:
         yield str(path), "data file is empty — add examples"
         return
     if entry.loader == "parquet":
         yield from _parquet(entry, path)
         return
+    seen = 0
     try:
-        if entry.loader == "text":
-            with open(path, encoding="utf-8") as f:
-                for _ in f:
-                    pass
-        elif entry.loader == "csv":
-            yield from _csv(entry, path)
-        elif entry.loader == "json":
-            yield from _json(entry, path)
-    except UnicodeDecodeError as e:
-        yield str(path), f"not UTF-8 text (byte {e.start} of a line cannot be decoded: a binary file?)"
+        for where, record, problem in file_records(entry, path):
+            seen += 1
+            found = [problem] if problem else record_problems(entry, record)
+            for message in found:
+                yield where, message
+            if not found:
+                _count(entry, record, s)
+    except (UnicodeDecodeError, reading.NotText) as e:
+        yield str(path), reading.not_text(e, path)
+        return
+    except csv.Error as e:
+        yield str(path), f"not a readable CSV file: {first_line(e)}"
+        return
+    except (OSError, EOFError, ValueError) as e:  # a damaged compressed file
+        yield str(path), f"cannot read it: {first_line(e)}"
+        return
+    s.records += seen
+    if not seen:
+        yield str(path), "no records"
+
+
+def _count(entry: DatasetEntry, record: dict, s: Scan) -> None:
+    c = entry.columns
+    s.seen_roles |= {role for role, col in c.items() if record.get(col) is not None}
+    if entry.kto:
+        s.kto[bool(record[c["kto_tag"]])] += 1
+    elif entry.ranking:
+        s.pairs += 1
+        s.pairs_same += record[c["chosen"]] == record[c["rejected"]]
+
+
+def file_records(entry: DatasetEntry, path: Path):
+    """(where, record, problem) for every record of a local data file, by its loader: JSON (lines or an
+    array), CSV (a header row; empty cells are absent values, JSON in history/messages cells), text (one
+    record per line, as datasets' text loader splits them). Read by the one reading rule (reading.py)."""
+    if entry.loader == "json":
+        yield from json_records(path)
+    elif entry.loader == "csv":
+        yield from _csv_records(entry, path)
+    elif entry.loader == "text":
+        col = entry.columns.get("prompt", "text")
+        with reading.open_text(path) as f:
+            n = 0
+            for line in f:
+                for part in line.splitlines() or [""]:
+                    n += 1
+                    yield f"{path}:{n}", {col: part}, None
 
 
 def json_records(path: Path):
     """(where, record, problem) for every record of a JSON-lines file (streamed) or a JSON array file
     (parsed whole): problem is None, or why the record (then None) could not be read. The one JSON
     reader of data files (training data and quantize's calibration files)."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1)
-        while head and head.isspace():
-            head = f.read(1)
-        f.seek(0)
-        if head == "[":
+    with reading.open_text(path) as f:
+        n, line = 0, ""
+        for line in f:
+            n += 1
+            if line.strip():
+                break
+        if line.lstrip().startswith("["):
             try:
-                records = json.load(f)
+                records = json.loads(line + f.read())
             except json.JSONDecodeError as e:
-                yield f"{path}:{e.lineno}", None, f"invalid JSON: {e.msg}"
+                yield f"{path}:{e.lineno + n - 1}", None, f"invalid JSON: {e.msg}"
                 return
             for i, record in enumerate(records if isinstance(records, list) else [records], 1):
                 yield f"{path} (record {i})", record, None
             return
-        for n, line in enumerate(f, 1):
+        if line.strip():
+            yield _json_line(path, n, line)
+        for k, line in enumerate(f, n + 1):
             if line.strip():
-                try:
-                    yield f"{path}:{n}", json.loads(line), None
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{n}", None, f"invalid JSON line: {e.msg} (column {e.colno}) — one JSON object per line"
+                yield _json_line(path, k, line)
 
 
-def _json(entry: DatasetEntry, path: Path):
-    seen = same = 0
-    for where, record, problem in json_records(path):
-        seen += 1
-        found = [problem] if problem else record_problems(entry, record)
-        for message in found:
-            yield where, message
-        if not found and entry.ranking and not entry.kto:
-            same += record[entry.columns["chosen"]] == record[entry.columns["rejected"]]
-    if not seen:
-        yield str(path), "no records"
-    elif same == seen:
-        yield str(path), (f"chosen equals rejected in every record ({seen}): there is no preference to learn — "
-                          f"check the '{entry.columns['chosen']}' and '{entry.columns['rejected']}' columns")
+def _json_line(path: Path, n: int, line: str):
+    try:
+        return f"{path}:{n}", json.loads(line), None
+    except json.JSONDecodeError as e:
+        return f"{path}:{n}", None, f"invalid JSON line: {e.msg} (column {e.colno}) — one JSON object per line"
+    except RecursionError:
+        return f"{path}:{n}", None, "JSON nested too deeply to read"
 
 
-def _csv(entry: DatasetEntry, path: Path):
-    with open(path, newline="", encoding="utf-8") as f:
+def _csv_records(entry: DatasetEntry, path: Path):
+    structured = {entry.columns[r] for r in STRUCTURED if r in entry.columns}
+    with reading.open_text(path, newline="") as f:
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         for role in _needed(entry):
             if entry.columns[role] not in header:
-                yield f"{path}:1", _missing(entry, role, header)
+                yield f"{path}:1", None, _missing(entry, role, header)
                 return
         for record in reader:
+            where = f"{path}:{reader.line_num}"
             if None in record:  # more cells than the header has
-                yield f"{path}:{reader.line_num}", f"{len(header) + len(record[None])} cells, the header has {len(header)}"
+                yield where, None, f"{len(header) + len(record[None])} cells, the header has {len(header)}"
+                continue
+            out = {}
+            for key, value in record.items():
+                if value is None or value == "":
+                    value = None  # an empty cell (or a short row): an absent value
+                elif key in structured and value.lstrip()[:1] in ("[", "{"):
+                    try:
+                        value = json.loads(value)
+                    except json.JSONDecodeError:
+                        pass  # stays a string: record_problems says what it should be
+                out[key] = value
+            yield where, out, None
 
 
 def _parquet(entry: DatasetEntry, path: Path):
@@ -132,12 +230,12 @@ def _parquet(entry: DatasetEntry, path: Path):
 
 
 def _needed(entry: DatasetEntry) -> list[str]:
+    """The roles a record cannot do without. Optional ones (query, history, system), mapped or not, may
+    be absent or null in any record, as LLaMA-Factory and datasets read them: empty."""
     if entry.ranking:
-        needed = ["messages", "kto_tag"] if entry.kto else (
+        return ["messages", "kto_tag"] if entry.kto else (
             ["prompt", "chosen", "rejected"] if entry.formatting == "alpaca" else ["messages", "chosen", "rejected"])
-    else:
-        needed = {"pt": ["prompt"], "alpaca": ["prompt", "response"], "sharegpt": ["messages"]}[entry.formatting]
-    return needed + [role for role in sorted(entry.explicit) if role not in needed]
+    return {"pt": ["prompt"], "alpaca": ["prompt", "response"], "sharegpt": ["messages"]}[entry.formatting]
 
 
 def _missing(entry: DatasetEntry, role: str, present) -> str:

@@ -28,7 +28,7 @@ def check_model_arg(name: str, where: str | None = None) -> None:
     if path.exists():
         if not (path / "config.json").is_file():
             raise DevopsError(f"'{name}' has no config.json, so it is not a model directory", where)
-        check_model_dir(path, where)
+        check_model_dir(path, where, tokenizer=True)
     elif not is_hub_id(name):
         hint = "build the tiny demo model with `devops-model tiny runs/tiny`" if "tiny" in name else "check the path"
         raise DevopsError(f"model directory '{name}' does not exist", where, hint)

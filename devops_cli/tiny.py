@@ -23,7 +23,7 @@ from devops_cli.console import console
 from devops_cli.convert.tokenizer import QWEN3_5_REGEX, QWEN_REGEX, qwen_pipeline
 from devops_cli.dataset_info import BUNDLED_DIR
 from devops_cli.errors import DevopsError
-from devops_cli.outputs import new_output_dir
+from devops_cli.outputs import new_output_dir, staged_dir
 from devops_cli.templates import CHATML, QWEN3
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -105,12 +105,16 @@ def build(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 2, voca
           intermediate_size: int | None = None, num_heads: int = 4, num_kv_heads: int = 2,
           max_position_embeddings: int = 4096, seed: int = 0, overwrite: bool = False, arch: str = "qwen2") -> Path:
     """Write a randomly initialised model of `arch` + tokenizer + generation config to out_dir."""
-    out = Path(out_dir)
     if arch not in ARCHES:
         raise DevopsError(f"unknown architecture '{arch}'", "--arch", ", ".join(ARCHES))
+    out = new_output_dir(out_dir, overwrite, where=None, inputs={"bundled data": BUNDLED_DIR})
+    for name, value, low, high in (("hidden_size", hidden_size, 8, 1 << 16), ("layers", num_layers, 1, 1024),
+                                   ("vocab_size", vocab_size, 260, 1 << 20), ("seed", seed, 0, 2**32 - 1)):
+        if not low <= value <= high:
+            raise DevopsError(f"{name} {value} is out of range", f"--{name.replace('_', '-')}",
+                              f"use {low}..{high}" + (" (256 bytes + 3 special tokens at least)" if name == "vocab_size" else ""))
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise DevopsError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
-    new_output_dir(out, overwrite, where=None)
     import torch
     from transformers import GenerationConfig
 
@@ -126,19 +130,19 @@ def build(out_dir: str | Path, hidden_size: int = 128, num_layers: int = 2, voca
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
         max_new_tokens=256, do_sample=False,
     )  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    # the tokenizer class the family's checkpoints name (AutoTokenizer re-applies its pre-tokenizer)
-    tok_config = out / "tokenizer_config.json"
-    saved = json.loads(tok_config.read_text(encoding="utf-8"))
-    saved["tokenizer_class"] = "Qwen3_5Tokenizer" if arch == "qwen3.5" else "Qwen2Tokenizer"
-    tok_config.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with staged_dir(out, where=None) as staged:  # whole or not at all: no config.json without weights
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        # the tokenizer class the family's checkpoints name (AutoTokenizer re-applies its pre-tokenizer)
+        tok_config = Path(staged) / "tokenizer_config.json"
+        saved = json.loads(tok_config.read_text(encoding="utf-8"))
+        saved["tokenizer_class"] = "Qwen3_5Tokenizer" if arch == "qwen3.5" else "Qwen2Tokenizer"
+        tok_config.write_text(json.dumps(saved, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
 
 
 def tiny(
-    output: Annotated[Path, typer.Argument(help="directory for the model")],
+    output: Annotated[str, typer.Argument(help="directory for the model", show_default=False)],  # str: "" stays empty
     hidden_size: Annotated[int, typer.Option(help="hidden size (>= 128 for GPTQ group size 128)")] = 128,
     layers: Annotated[int, typer.Option(help="transformer layers")] = 2,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size")] = 4096,

@@ -7,17 +7,65 @@ filled up is then one line naming the file, not a SafetensorError from inside a 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zipfile
 from pathlib import Path
 
 from devops_cli.errors import DevopsError
+from devops_cli.reading import check_file, read_json
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "qwen.tiktoken")
 
 
-def check_model_dir(path: Path, where: str | None = None) -> None:
-    """A local model folder: config.json and its weights (raises DevopsError naming the file)."""
-    _json(path / "config.json", where, required=True)
+def check_model_dir(path: Path, where: str | None = None, tokenizer: bool = False) -> None:
+    """A local model folder: config.json (a JSON object) and its weights; with `tokenizer`, also a
+    tokenizer whose ids all have a row in the embeddings (raises DevopsError naming the file)."""
+    config = _json(path / "config.json", where, required=True)
+    if not isinstance(config, dict):
+        raise DevopsError(f"{path / 'config.json'}: must be a JSON object, got a {type(config).__name__}", where,
+                          "restore it from the source")
     _weights(path, where)
+    if tokenizer:
+        check_tokenizer(path, config, where)
+
+
+def check_tokenizer(path: Path, config: dict, where: str | None = None) -> None:
+    """The folder has a tokenizer, and (where tokenizer.json says) no token id past the embedding rows."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise DevopsError(f"'{path}' has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...)", where,
+                          "copy the tokenizer files of the model it was made from into it")
+    rows = _embedding_rows(path, config)
+    if rows is None or not (path / "tokenizer.json").is_file():
+        return
+    tok = _json(path / "tokenizer.json", where, required=True)
+    vocab = (tok.get("model") or {}).get("vocab") if isinstance(tok, dict) else None
+    ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1] if isinstance(vocab, list) else []
+    ids += [t.get("id") for t in (tok.get("added_tokens") or []) if isinstance(t, dict)] if isinstance(tok, dict) else []
+    top = max((i for i in ids if isinstance(i, int)), default=-1)
+    if top >= rows:
+        raise DevopsError(f"'{path}': the tokenizer has token id {top}, the embeddings have {rows} rows "
+                          "(vocab_size): the vocabulary does not match the weights", where,
+                          "use the tokenizer the model was trained with (or resize the embeddings and save again)")
+
+
+def _embedding_rows(path: Path, config: dict) -> int | None:
+    """Rows of the input embedding: from the safetensors header that holds it, else config vocab_size."""
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n)) if n < 100_000_000 else {}
+        except (OSError, ValueError, struct.error):
+            continue
+        for name, t in header.items():
+            if name.endswith("embed_tokens.weight") or name.endswith("wte.weight"):
+                shape = t.get("shape") if isinstance(t, dict) else None
+                if shape:
+                    return int(shape[0])
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    rows = text.get("vocab_size")
+    return rows if isinstance(rows, int) else None
 
 
 def check_adapter_dir(path: Path, where: str | None = None) -> None:
@@ -29,16 +77,14 @@ def check_adapter_dir(path: Path, where: str | None = None) -> None:
 
 
 def _json(path: Path, where: str | None, required: bool):
-    if not path.is_file():
+    if not os.path.lexists(path):
         if required:
             raise DevopsError(f"'{path.parent}' has no {path.name}", where)
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DevopsError(f"{path}: not UTF-8 text (a binary or damaged file)", where, "restore it from the source") from None
-    except json.JSONDecodeError as e:
-        raise DevopsError(f"{path}:{e.lineno}: invalid JSON ({e.msg})", where, "restore it from the source") from None
+        return read_json(path, where)
+    except DevopsError as e:
+        raise DevopsError(e.message, where, "restore it from the source") from None
 
 
 def _weights(path: Path, where: str | None, prefix: str = "model") -> None:
@@ -53,6 +99,8 @@ def _weights(path: Path, where: str | None, prefix: str = "model") -> None:
             if not (path / shard).is_file():
                 raise DevopsError(f"{path / shard} is missing (listed in {index_name})", where,
                                   "the download or copy is incomplete: fetch the missing shard")
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        check_file(f, where, "weight file")
     for f in sorted(path.glob("*.safetensors")):
         problem = safetensors_problem(f)
         if problem:

@@ -91,6 +91,7 @@ def model_dir(tmp_path) -> Path:
     d = tmp_path / "model"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (d / "tokenizer_config.json").write_text("{}")  # a model folder has a tokenizer (weights.check_tokenizer)
     return d
 
 

@@ -12,6 +12,7 @@ import typer
 
 from devops_cli.console import console, err_console, warn
 from devops_cli.errors import DevopsError
+from devops_cli.options import check_seed
 from devops_cli.sources import check_model_arg
 
 _P = "generation (default: the model's generation_config)"
@@ -51,6 +52,7 @@ def chat(
             parse_setting(name, str(value))
     if prompt is not None and not prompt.strip():
         raise DevopsError("--prompt is empty", "--prompt", "give the question, or leave --prompt out to chat")
+    check_seed(seed, "--seed")
     if max_window is not None and max_window < 16:
         raise DevopsError(f"--max-window must be >= 16, got {max_window}")
     interactive = prompt is None and sys.stdin.isatty()

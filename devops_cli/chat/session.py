@@ -22,6 +22,7 @@ from devops_cli.chat.prompt import PromptEncoder, context_length, stop_ids
 from devops_cli.chat.settings import SETTINGS, parse_setting
 from devops_cli.chat.textstream import TextStream
 from devops_cli.errors import DevopsError, first_line
+from devops_cli.options import check_seed
 
 _FRAME = 0.02  # seconds between text updates while streaming
 
@@ -118,9 +119,11 @@ class ChatSession:
             import torch
 
             try:
-                self.seed = int(text)
+                seed = int(text)
             except ValueError:
                 raise DevopsError(f"seed must be an integer, got '{text}'") from None
+            check_seed(seed, None)
+            self.seed = seed
             torch.manual_seed(self.seed)
             return f"seed = {self.seed}"
         if name == "max_window":

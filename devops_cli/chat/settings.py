@@ -3,6 +3,8 @@ model's generation_config gives them."""
 
 from __future__ import annotations
 
+import math
+
 from devops_cli.errors import DevopsError, did_you_mean
 
 # name -> (type, check, what the check means); the only names /set and the options accept
@@ -33,6 +35,8 @@ def parse_setting(name: str, text: str):
             value = kind(text)
     except ValueError:
         raise DevopsError(f"{name} must be {rule}, got '{text}'") from None
+    if kind is float and not math.isfinite(value):
+        raise DevopsError(f"{name} must be a finite number ({rule}), got '{text}'")
     if not check(value):
         raise DevopsError(f"{name} must be {rule}, got '{text}'")
     return value

@@ -18,7 +18,7 @@ from devops_cli.console import console
 def convert_command(
     model: Annotated[Path, typer.Option("--model", help="Qwen v1 checkpoint directory (config.json, qwen.tiktoken, "
                                         "*.bin or *.safetensors)", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="new directory for the Qwen2 checkpoint",
+    output: Annotated[str, typer.Option("--output", "-o", help="new directory for the Qwen2 checkpoint",
                                          show_default=False)],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output directory")] = False,
     max_shard_size: Annotated[float, typer.Option(help="largest output shard, in GB")] = 5.0,
@@ -27,8 +27,14 @@ def convert_command(
 
     Weights become safetensors shards, converted one source shard at a time; qwen.tiktoken becomes tokenizer.json with the ChatML template; generation_config keeps the v1 stop tokens. No remote code runs. Every --model command does this by itself, once, into DIR-qwen2 next to DIR.
     """
-    from devops_cli.convert.qwen_v1 import convert
+    import math
 
+    from devops_cli.convert.qwen_v1 import convert
+    from devops_cli.errors import DevopsError
+
+    if not (math.isfinite(max_shard_size) and 0.001 <= max_shard_size <= 1024):
+        raise DevopsError(f"--max-shard-size {max_shard_size} is not a size in GB", "--max-shard-size",
+                          "use 0.001 to 1024 (5 is the usual)")
     start = time.perf_counter()
 
     def progress(done: int, total: int, name: str) -> None:

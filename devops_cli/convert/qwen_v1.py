@@ -21,7 +21,7 @@ from pathlib import Path
 
 from devops_cli.convert.tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
 from devops_cli.errors import DevopsError, first_line
-from devops_cli.outputs import new_output_dir
+from devops_cli.outputs import check_name, disk_full, new_output_dir, replace_dir
 
 STOP_IDS = [151643, 151645, 151644]  # <|endoftext|>, <|im_end|>, <|im_start|>: v1 chat stops on each
 MARKER = "devops-model-conversion.json"  # written last: its presence means a complete conversion
@@ -294,7 +294,7 @@ def fingerprint(src: Path) -> str:
 def convert(src: str | Path, out: str | Path, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
             progress=None) -> Path:
     """Convert the Qwen v1 checkpoint in src into a new Qwen2 directory out (written aside, then renamed)."""
-    src, out = Path(src).expanduser(), Path(out).expanduser()
+    src, out = Path(src).expanduser(), check_name(out, "--output")  # "" is refused, not read as "."
     if not src.is_dir():
         raise DevopsError(f"model directory '{src}' does not exist")
     if not (src / "config.json").is_file():
@@ -305,7 +305,7 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, max_shard
                           hint="only Qwen v1 (model_type \"qwen\") needs converting; load other models directly")
     if not (src / "qwen.tiktoken").is_file():
         raise DevopsError(f"'{src}' has no qwen.tiktoken, the Qwen v1 vocabulary", hint="download it with the weights")
-    new_output_dir(out, overwrite)
+    new_output_dir(out, overwrite, inputs={"Qwen v1 source": src})
     config = qwen2_config(v1, src / "config.json")
     load_ranks(src / "qwen.tiktoken")  # a bad vocabulary fails now, not after minutes of weights
     if config["vocab_size"] < SPECIAL_START + len(SPECIALS):
@@ -326,9 +326,11 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, max_shard
         record = {"converted_by": "devops-model convert", "version": VERSION, "source": str(src.resolve()),
                   "fingerprint": fingerprint(src)}
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
+        replace_dir(tmp, out)
+    except Exception as e:
+        if (full := disk_full(e, out)) is not None:
+            raise full from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -23,6 +23,7 @@ from devops_cli.errors import DevopsError, first_line
 from devops_cli.eval import prompts
 from devops_cli.eval.exam import LETTERS, Subject, load_hub, load_local
 from devops_cli.options import opt
+from devops_cli.outputs import new_output_file, write_file
 from devops_cli.sources import check_model_arg, hub_reachable
 from devops_cli.train.recipe import is_resolved, read_resolved
 from devops_cli.weights import check_adapter_dir
@@ -259,26 +260,19 @@ def summarise(o, subjects, records, chat, why, option_strings, device, dtype, ba
 def output_path(o: EvalOptions, where=lambda flag: flag) -> Path:
     """Where the results go, decided before anything runs. An existing --output is replaced only with
     --overwrite; the default name gets the time appended instead of replacing an earlier result."""
+    reads = {"model": o.model, "adapter": o.adapter, "exam --data-dir": o.data_dir}
     if o.output:
-        path = Path(o.output)
-        if path.is_dir():
-            raise DevopsError(f"'{path}' is a directory", where("--output"), "name a .json file")
-        if path.exists() and not o.overwrite:
-            raise DevopsError(f"'{path}' exists", where("--output"), "choose another --output, or pass --overwrite")
-        return path
+        return new_output_file(o.output, o.overwrite, where("--output"), inputs=reads)
     name = Path(o.adapter or o.model.rstrip("/")).name or "model"
     path = Path("runs") / "eval" / f"{name}-{o.protocol}-{o.shots}shot.json"
     if path.exists() and not o.overwrite:
         path = path.with_name(f"{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    return path
+    return new_output_file(path, True, "--output", inputs=reads)
 
 
 def write(result: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Atomic (a temporary name beside it, renamed); a full disk is one line and leaves nothing."""
+    return write_file(path, json.dumps(result, ensure_ascii=False, indent=1) + "\n", "--output")
 
 
 def table(result: dict):

@@ -21,13 +21,14 @@ from pathlib import Path
 from devops_cli.console import import_gptq_quietly, info, warn
 from devops_cli.errors import DevopsError
 from devops_cli.options import opt
-from devops_cli.outputs import new_output_dir
+from devops_cli.outputs import disk_full, new_output_dir, replace_dir
 from devops_cli.quantize import gptq
 from devops_cli.quantize.calibration import open_source, token_blocks
 from devops_cli.sources import check_model_arg
 from devops_cli.weights import check_adapter_dir, check_model_dir
 
 BITS = (4, 8)
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what gptqmodel's QuantizeConfig accepts
 DTYPES = ("float16", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -63,9 +64,12 @@ def check(o: QuantizeOptions, where=lambda flag: flag) -> None:
         raise DevopsError("no output directory given", where("--output"), "pass --output DIR")
     if o.bits not in BITS:
         raise DevopsError(f"--bits {o.bits} is not supported", where("--bits"), "choose 4 or 8")
-    if o.group_size != -1 and o.group_size < 1:
-        raise DevopsError(f"--group-size {o.group_size} must be positive or -1", where("--group-size"),
-                          "use 128 (the usual) or -1 (one group per row)")
+    if o.group_size not in GROUP_SIZES:
+        raise DevopsError(f"--group-size {o.group_size} is not one GPTQ kernels take", where("--group-size"),
+                          f"use 128 (the usual), -1 (one group per row), or {', '.join(map(str, GROUP_SIZES[1:]))}")
+    if not 0 < o.damp_percent < 1:
+        raise DevopsError(f"--damp-percent {o.damp_percent} must be between 0 and 1", where("--damp-percent"),
+                          "use 0.01-0.1 (0.1 is the usual)")
     for flag, value, low in (("--calib-samples", o.calib_samples, 1), ("--calib-seq-len", o.calib_seq_len, 16),
                              ("--eval-samples", o.eval_samples, 1)):
         if value < low:
@@ -83,10 +87,21 @@ def check(o: QuantizeOptions, where=lambda flag: flag) -> None:
     if (src / "adapter_config.json").is_file():
         check_adapter_dir(src, where("--model"))
     elif (src / "config.json").is_file():
-        check_model_dir(src, where("--model"))
-    if src.exists() and out.resolve() == src.resolve():
-        raise DevopsError("--output is the model directory itself", where("--output"), "choose a new directory")
-    new_output_dir(out, o.overwrite, where("--output"))
+        check_model_dir(src, where("--model"), tokenizer=True)
+    new_output_dir(out, o.overwrite, where("--output"), inputs=inputs(o))
+
+
+def inputs(o: QuantizeOptions) -> list[tuple[str, str | None]]:
+    """What quantize reads, which --output may not be, hold or sit in: the model (and an adapter's base)
+    and the calibration file or dataset folder."""
+    found = [("model", o.model)]
+    if o.model and (Path(o.model) / "adapter_config.json").is_file():
+        from devops_cli.modeling import adapter_base
+
+        found.append(("adapter's base model", adapter_base(Path(o.model))))
+    if o.calib and o.calib != "bundled":
+        found.append(("calibration file", o.calib) if Path(o.calib).exists() else ("--dataset-dir", o.dataset_dir))
+    return found
 
 
 def run(o: QuantizeOptions, where=lambda flag: flag) -> dict:
@@ -99,6 +114,10 @@ def run(o: QuantizeOptions, where=lambda flag: flag) -> dict:
     t_start = time.perf_counter()
     try:
         return _run(o, source, out, scratch, t_start)
+    except Exception as e:  # a full disk while saving: one line; the scratch folder goes below
+        if (full := disk_full(e, out, where("--output"))) is not None:
+            raise full from None
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # a failure midway leaves nothing behind
 
@@ -220,11 +239,7 @@ def _safetensors_bytes(path: Path) -> dict[str, int]:
 
 def _replace(staged: Path, out: Path, scratch: Path) -> None:
     """Move the verified checkpoint into place; an old output (--overwrite) goes only once the new one is there."""
-    old = None
-    if out.exists():
-        old = scratch / "previous"
-        out.rename(old)
-    staged.rename(out)
+    replace_dir(staged, out)
 
 
 def _versions() -> dict:

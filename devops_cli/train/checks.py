@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from devops_cli import dataset_info, records
+from devops_cli import dataset_info, outputs, records
 from devops_cli.errors import DevopsError, DevopsErrors
-from devops_cli.outputs import writable_or_raise
+from devops_cli.reading import read_json
 from devops_cli.sources import hub_reachable, is_hub_id
 from devops_cli.train.launch import LOCK
 from devops_cli.train.recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved
@@ -84,8 +84,8 @@ def _model_problems(r: Recipe, errors: list, warnings: list) -> str | None:
             errors.append(DevopsError(f"'{path}' has no config.json, so it is not a model directory", where))
             return None
         try:
-            check_model_dir(path, where)
-            model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+            check_model_dir(path, where, tokenizer=True)
+            model_type = read_json(config, where).get("model_type")
         except DevopsError as e:
             errors.append(e)
             return None
@@ -114,9 +114,10 @@ def _quantization_problems(r: Recipe, model_type: str | None, errors: list) -> N
 
     config = Path(r.model_name_or_path).expanduser() / "config.json"
     try:
-        quantized = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") if config.is_file() else None
-    except (OSError, ValueError):
-        quantized = None
+        found = read_json(config) if config.is_file() else None
+    except DevopsError:  # reported by _model_problems
+        found = None
+    quantized = found.get("quantization_config") if isinstance(found, dict) else None
     method = (quantized or {}).get("quant_method") if isinstance(quantized, dict) else None
     if method == "gptq" and r.finetuning_type == "lora" and r.lora_target == "all":
         names = ",".join(LORA_MODULES.get(model_type or "qwen2", LORA_MODULES["qwen2"]))
@@ -143,6 +144,7 @@ def _quantization_problems(r: Recipe, model_type: str | None, errors: list) -> N
 def _data_problems(r: Recipe, errors: list, warnings: list) -> None:
     if not r.datasets:
         errors.append(DevopsError("dataset is empty", r.where("dataset"), "name at least one dataset from dataset_info.json"))
+    counts = []  # records per local dataset (after max_samples); None for a hub dataset
     for name in r.datasets:
         try:
             entry = dataset_info.resolve(name, r.dataset_dir, r.stage, r.where("dataset"))
@@ -152,11 +154,34 @@ def _data_problems(r: Recipe, errors: list, warnings: list) -> None:
                     f" but pref_loss is {r.pref_loss}", r.where("pref_loss"),
                     "use pref_loss: sigmoid/ipo/hinge with pairs" if entry.kto is False else "set pref_loss: kto"))
                 continue
-            errors += records.problems(entry)  # every record, streamed
+            found = records.scan(entry)  # every record, streamed
+            errors += found.errors
+            warnings += found.warnings
+            counts.append(min(found.records, r.max_samples or found.records) if entry.files else None)
             if msg := dataset_info.check_sha1(entry):
                 warnings.append(msg)
         except DevopsError as e:
             errors.append(e)
+    if counts and None not in counts and not errors:
+        _size_problems(r, sum(counts), errors, warnings)
+
+
+def _size_problems(r: Recipe, n: int, errors: list, warnings: list) -> None:
+    """A data set too small for val_size or for one optimizer step, counted before launch (records:
+    conversations for sft, pairs for dpo; pt packs documents into blocks, counted only once tokenized)."""
+    unit = {"sft": "examples", "dpo": "preference records"}.get(r.stage)
+    if unit is None or r.streaming:
+        return
+    held = int(r.val_size) if r.val_size >= 1 else max(1, round(r.val_size * n)) if r.val_size else 0
+    if held >= n:
+        errors.append(DevopsError(f"val_size {r.val_size:g} holds out {held} of the {n} {unit}: nothing is left to train on",
+                                  r.where("val_size"), f"lower val_size (below {n}), or add data"))
+        return
+    step = r.per_device_train_batch_size * r.gradient_accumulation_steps
+    if n - held < step:
+        warnings.append(f"the data holds {n - held} {unit} to train on, fewer than one optimizer step takes "
+                        f"({r.per_device_train_batch_size} per device x {r.gradient_accumulation_steps} accumulation "
+                        f"= {step}): each step sees every example")
 
 
 def check_deepspeed(path: Path, r: Recipe) -> list[DevopsError]:
@@ -198,11 +223,13 @@ def deepspeed_problems(config: dict, where: str, r: Recipe | None = None) -> lis
 def resume_decision(r: Recipe) -> Path | None:
     """What a run does with output_dir: start (None), resume (the checkpoint), or refuse (DevopsError:
     a file, not writable, another run, foreign checkpoints the Trainer would rotate away)."""
-    out = Path(r.output_dir)
     where = r.where("output_dir")
+    out = outputs.check_name(r.output_dir, where)
+    outputs.check_kind(out, where)
+    outputs.not_an_input(out, inputs(r), where)
     if out.exists() and not out.is_dir():
         raise DevopsError(f"output_dir '{out}' is a file", where)
-    writable_or_raise(out, where)
+    outputs.writable_or_raise(out, where)
     if out.is_dir() and r.save_total_limit and (others := own_checkpoints(out)[1]):
         raise DevopsError(f"output_dir '{out}' holds {', '.join(p.name for p in others[:3])}, not saved by devops-model; "
                           f"with save_total_limit the Trainer would delete it", where,
@@ -227,6 +254,20 @@ def resume_decision(r: Recipe) -> Path | None:
     if r.resume_from_checkpoint not in (None, True):
         return _explicit_checkpoint(r)
     return last_checkpoint(out)
+
+
+def inputs(r: Recipe) -> list[tuple[str, str]]:
+    """(what, local path) of everything a run reads, which output_dir may not be, hold or sit in."""
+    model = Path(r.model_name_or_path).expanduser()
+    found = [("model", str(model) if (model / "config.json").exists() else None), ("DeepSpeed config", r.deepspeed),
+             ("dataset_dir", str(dataset_info.resolve_dir(r.dataset_dir)))]
+    for name in r.datasets:
+        try:
+            entry = dataset_info.resolve(name, r.dataset_dir, r.stage, r.where("dataset"))
+        except DevopsError:
+            continue  # reported by check()
+        found += [(f"data of '{name}'", str(f)) for f in entry.files]
+    return found
 
 
 def _explicit_checkpoint(r: Recipe) -> Path:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +13,7 @@ from rich.markup import escape
 
 from devops_cli.console import console, info, warn
 from devops_cli.errors import DevopsError, DevopsErrors, collect
-from devops_cli.outputs import new_output_dir
+from devops_cli.outputs import new_output_dir, not_an_input, staged_dir, write_file
 
 RecipeArg = Annotated[Path | None, typer.Argument(help="YAML recipe (configs/*.yaml)", show_default=False)]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. learning_rate=1e-5",
@@ -69,10 +68,10 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
             if others:
                 warn(f"overwrite_output_dir: kept {', '.join(p.name for p in others)} in {out}: not written by devops-model")
         source = f"{recipe_path or 'command line'}" + (f" + {' '.join(overrides)}" if overrides else "")
-        tmp = out / f".recipe.yaml.{os.getpid()}"  # atomic: other nodes may read it on a shared disk
         plan_lines = "\n" + "\n".join(line.removeprefix("# ") for line in memory.table().splitlines()) if memory else ""
-        tmp.write_text(recipe.dump(r, f"from {source}\n{launch.display(argv)}{plan_lines}"), encoding="utf-8")
-        tmp.replace(out / "recipe.yaml")
+        # atomic (other nodes may read it on a shared disk); a full disk is one line
+        write_file(out / "recipe.yaml", recipe.dump(r, f"from {source}\n{launch.display(argv)}{plan_lines}"),
+                   r.where("output_dir"))
         info(f"[bold]{stage}[/] → {escape(str(out))}  ({escape(plan.describe())})")
         if memory is not None:
             info(escape(memory.line()))
@@ -117,7 +116,7 @@ def dpo(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun =
 
 def export(
     adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter directory (an sft output_dir)")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="where the merged model goes")],
+    output: Annotated[str, typer.Option("--output", "-o", help="where the merged model goes", show_default=False)],
     model: Annotated[str | None, typer.Option("--model", help="base model (default: the adapter's)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="write into a non-empty output dir")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
@@ -125,11 +124,13 @@ def export(
     """Merge a LoRA adapter into its base model: full weights loadable with from_pretrained."""
     from devops_cli.modeling import adapter_base, merge_adapter
 
-    new_output_dir(output, overwrite)
+    new_output_dir(output, overwrite, inputs={"adapter": adapter, "base model": model})
     base = model or adapter_base(adapter)
     if model:
         adapter_base(adapter)  # its files are checked first either way
-    merge_adapter(adapter, output, base, trust_remote_code)
+    not_an_input(output, {"base model": base}, "--output")  # the adapter's own base, now known
+    with staged_dir(output) as staged:  # the merged model appears whole or not at all
+        merge_adapter(adapter, staged, base, trust_remote_code)
     console.print(f"[green]merged[/] {escape(str(adapter))} into {escape(base)} → {escape(str(output))}")
     bits = _trained_bits(adapter)
     if bits:

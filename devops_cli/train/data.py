@@ -60,14 +60,20 @@ class DataReport:
 def load_raw(entry: dataset_info.DatasetEntry, max_samples: int | None, streaming: bool = False):
     import datasets
 
+    from devops_cli.train import rows
+
     try:
-        if entry.files:
+        if entry.files and entry.loader != "parquet":  # columns fixed by the entry, read by the one reading rule
+            ds = rows.load(entry, streaming)
+        elif entry.files:
             ds = datasets.load_dataset(entry.loader, data_files=[str(f) for f in entry.files], split="train",
                                        streaming=streaming)
         else:
             ds = datasets.load_dataset(entry.hub_id, entry.subset, split=entry.split, streaming=streaming)
-    except Exception as e:  # datasets raises many types for unreadable files
-        raise DevopsError(f"cannot load dataset '{entry.name}': {first_line(e)}", entry.where) from None
+    except Exception as e:  # datasets raises many types for unreadable files, and wraps ours
+        if isinstance(cause := rows.cause(e), DevopsError):
+            raise cause from None
+        raise DevopsError(f"cannot load dataset '{entry.name}': {first_line(cause)}", entry.where) from None
     if max_samples:
         ds = ds.select(range(min(max_samples, len(ds))))
     return ds

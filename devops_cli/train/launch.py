@@ -149,7 +149,7 @@ def run(argv: list[str], log_dir: Path) -> int:
             fail(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) was killed by {name}; "
                  f"its log: {log_dir / f'rank{rank}.log'}")
             return 128 - code
-        if code != 2:  # 2: the worker already printed its one-line DevopsError
+        if code not in (2, 3):  # 2: a DevopsError, 3: diverged; the worker already printed its one line
             fail(f"rank {rank} (local rank {failure.local_rank}) exited with code {code}; "
                  f"its log: {log_dir / f'rank{rank}.log'}")
         return code

@@ -96,6 +96,7 @@ def problems(r, launch, ds_config: dict | None) -> tuple[list[DevopsError], obje
         elif not gpus:
             bad("use_liger_kernel", "use_liger_kernel is on, but its kernels are Triton GPU kernels and this machine "
                 "has no GPU", "set use_liger_kernel=false to train here, or run on GPUs")
+    errors += libraries(r, bool(gpus))
     # --- the model ----------------------------------------------------------------------------------
     name = r.model_name_or_path
     if is_hub_id(name):
@@ -129,6 +130,43 @@ def problems(r, launch, ds_config: dict | None) -> tuple[list[DevopsError], obje
             f"{have}{host}", ("it fits with: " + "; or ".join(fixes) if fixes else "no single change makes it fit here")
             + " — force=true launches anyway (--dry-run shows the plan)")
     return errors, plan
+
+
+# report_to name -> the module transformers' callback imports (any one of them)
+REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+             "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "dvclive": ("dvclive",),
+             "swanlab": ("swanlab",), "trackio": ("trackio",), "azure_ml": ("azureml",), "codecarbon": ("codecarbon",),
+             "dagshub": ("dagshub",), "flyte": ("flytekit",), "kubeflow": ()}  # fmt: skip
+FLASH = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def libraries(r, gpu: bool) -> list[DevopsError]:
+    """What the recipe names that a worker would import after the model loaded: report_to's loggers and
+    flash-attention (which also needs a CUDA GPU)."""
+    import importlib.util
+
+    out = []
+
+    def where(key: str) -> str | None:
+        return r.where(key) if key in r.origin else None
+
+    for name in (t.strip() for t in r.report_to.split(",") if t.strip()):
+        if name in ("none", "all"):
+            continue
+        if name not in REPORTERS:
+            out.append(DevopsError(f"report_to '{name}' is not a logger transformers knows", where("report_to"),
+                                   f"use none, all, or some of {', '.join(REPORTERS)}"))
+        elif REPORTERS[name] and not any(importlib.util.find_spec(m) for m in REPORTERS[name]):
+            out.append(DevopsError(f"report_to names {name}, which is not installed", where("report_to"),
+                                   f"pip install {REPORTERS[name][0]} (in this venv), or drop it from report_to"))
+    module = FLASH.get(r.attn_implementation or "")
+    if module and importlib.util.find_spec(module) is None:
+        out.append(DevopsError(f"attn_implementation {r.attn_implementation} needs the {module} package, which is not "
+                               "installed", where("attn_implementation"), "pip install flash-attn, or use sdpa"))
+    elif module and not gpu:
+        out.append(DevopsError(f"attn_implementation {r.attn_implementation} runs on CUDA GPUs and this machine has none",
+                               where("attn_implementation"), "use sdpa (or eager) to train here"))
+    return out
 
 
 def _deepspeed_here(r, config: dict, gpu: bool) -> list[DevopsError]:

@@ -129,11 +129,14 @@ def self_check(model, train_set, pack) -> str | None:
     this model; else why not."""
     head = train_set.select(range(min(256, len(train_set))))
     lengths = [(len(x), i) for i, x in enumerate(head["input_ids"])]
-    picked = [head[i] for _, i in sorted(lengths)[len(lengths) // 2 :][:3]]  # three mid-length examples
+    start = min(len(lengths) // 2, max(0, len(lengths) - 3))
+    picked = [head[i] for _, i in sorted(lengths)[start:][:3]]  # three mid-length examples (or all of fewer)
     examples = [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in picked]
+    if len(examples) < 2:  # one example (a dataset of one): no batch ever packs two, nothing to check
+        return None
     if isinstance(pack, PackedRows):  # rows wide enough that the two shorter examples share one, and
-        a, b, c = sorted(len(e["input_ids"]) for e in examples)  # one row ends in a padding segment
-        pack = PackedRows(pack.pad, capacity=max(c, a + b))
+        lengths = sorted(len(e["input_ids"]) for e in examples)  # (with three) one row ends in padding
+        pack = PackedRows(pack.pad, capacity=max(lengths[-1], lengths[0] + lengths[1]))
     import torch
 
     # training mode with dropout off: in eval mode bitsandbytes repacks 4-bit weights for CPU inference

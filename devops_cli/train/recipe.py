@@ -16,7 +16,8 @@ import yaml
 
 from devops_cli import __version__
 from devops_cli.errors import DevopsError, DevopsErrors, did_you_mean
-from devops_cli.options import allowed, coerce, describe, read_yaml
+from devops_cli.options import allowed, coerce, mismatch, read_yaml
+from devops_cli.train import ranges
 
 REQUIRED = "<required>"
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")  # LLaMA-Factory's names (train/mix.py)
@@ -227,8 +228,8 @@ def build(values: dict, origin: dict[str, str], source: str, command: str | None
             kinds = allowed(_HINTS[key])
             try:
                 value = coerce(value, kinds)
-            except ValueError:
-                errors.append(DevopsError(f"{key} expects {describe(kinds)}, got {value!r}", where))
+            except ValueError as e:
+                errors.append(DevopsError(mismatch(key, kinds, value, e), where))
             else:
                 choices = known[key].metadata.get("choices")
                 if choices and value not in choices:
@@ -245,8 +246,8 @@ def build(values: dict, origin: dict[str, str], source: str, command: str | None
             if kinds is not None:
                 try:
                     value = coerce(value, kinds)
-                except ValueError:
-                    errors.append(DevopsError(f"{key} expects {describe(kinds)}, got {value!r}", where))
+                except ValueError as e:
+                    errors.append(DevopsError(mismatch(key, kinds, value, e), where))
                     continue
             extra[key] = value
             continue
@@ -257,7 +258,7 @@ def build(values: dict, origin: dict[str, str], source: str, command: str | None
         if f.default == REQUIRED and name not in kwargs:
             errors.append(DevopsError(f"missing required key '{name}'", source, f"add `{name}: ...`"))
     if check_values:
-        errors += value_problems(Recipe(**valid, origin=origin, source=source))
+        errors += value_problems(Recipe(**valid, extra=extra, origin=origin, source=source))
     if errors:
         raise DevopsErrors(errors)
     return Recipe(**kwargs, extra=extra, origin=origin, source=source)
@@ -350,7 +351,7 @@ def value_problems(r: Recipe) -> list[DevopsError]:
         bad("node_rank", f"node_rank {r.node_rank} must be below nnodes {r.nnodes}")
     if r.master_port is not None and not 0 < r.master_port < 65536:
         bad("master_port", f"master_port {r.master_port} is not a port number")
-    return errors
+    return errors + ranges.problems(r)
 
 
 def _did_you_mean(word: str, options) -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from devops_cli import modeling
 from devops_cli.console import info
-from devops_cli.train import data, lean, packing
+from devops_cli.train import data, diverge, lean, packing
 from devops_cli.train.recipe import Recipe
 from devops_cli.train.worker import STARTED_ENV
 
@@ -223,6 +223,7 @@ def run(r: Recipe) -> dict:
                                     else "padded to the longest example"))
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    diverge.watch(trainer, r)  # a non-finite loss or gradient norm stops the run at its step (exit 3)
     resume = r.resume_from_checkpoint if isinstance(r.resume_from_checkpoint, str) else None
     clock("trainer")
     started = time.perf_counter()
@@ -232,6 +233,7 @@ def run(r: Recipe) -> dict:
         from devops_cli.train.mix import line
 
         info(f"{r.stage} data {line(report.mix)}")
+    diverge.check_weights(model, trainer.state.global_step)  # nothing NaN is saved as the final model
 
     (model.get_base_model() if hasattr(model, "get_base_model") else model).config.use_cache = use_cache  # as loaded
     trainer.save_model()  # ZeRO-3: gathers a full state dict (stage3_gather_16bit_weights_on_model_save)

@@ -2,7 +2,8 @@
 one-process run main() called in the devops-model process itself (launch.run_here).
 
 Every rank writes its output to OUTPUT_DIR/logs/rank{RANK}.log; rank 0 also to the terminal.
-Exit codes: 0 done, 2 a problem the user can fix (one line), 130 interrupted, 1 a crash (traceback).
+Exit codes: 0 done, 2 a problem the user can fix (one line), 3 training diverged (a non-finite loss or
+gradient norm; one line naming the step, no final model saved), 130 interrupted, 1 a crash (traceback).
 """
 
 from __future__ import annotations
@@ -85,16 +86,11 @@ def die_with_launcher() -> None:
 def disk_full(e: BaseException, output_dir: Path) -> str | None:
     """The one line for a save that ran out of disk (OSError ENOSPC, or torch's zip writer failing
     with 'unexpected pos' / 'file write failed' for the same reason), or None."""
-    import errno
     import shutil
 
-    chain, seen = [], e
-    while seen is not None and len(chain) < 10:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    full = any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain) or any(
-        m in str(x) for x in chain for m in ("No space left on device", "unexpected pos", "file write failed"))
-    if not full:
+    from devops_cli.outputs import is_disk_full
+
+    if not is_disk_full(e):
         return None
     from devops_cli.train.checks import last_checkpoint
 
@@ -140,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         train.run(r)
     except DevopsError as e:
         fail_all(e, f"[rank {rank}] ")
-        return 2
+        return e.exit_code  # 2: a problem to fix; 3: training diverged (errors.Diverged)
     except KeyboardInterrupt:
         return 130
     except Exception as e:

@@ -24,14 +24,15 @@ def load_tokenizer(name: str, template: str | None = None, trust_remote_code: bo
         raise DevopsError(f"the tokenizer of '{name}' has no eos_token", hint="set eos_token in its tokenizer_config.json")
     if tok.pad_token is None:  # Qwen tokenizers often ship without one
         tok.pad_token = tok.eos_token
-    if template == "chatml":
+    if template == "chatml":  # plain ChatML, whatever template the tokenizer ships
         if not has_chatml_tokens(tok):
             raise DevopsError(f"the tokenizer of '{name}' has no <|im_start|> / <|im_end|> tokens, so it cannot use ChatML",
                               hint="use template: default")
-        if not tok.chat_template or "<|im_start|>" not in str(tok.chat_template):
-            tok.chat_template = CHATML
+        tok.chat_template = CHATML
     elif template == "default":
         tok.chat_template = DEFAULT
+    elif template == "auto" and not tok.chat_template:  # the model's own; ChatML for Qwen tokenizers without one
+        tok.chat_template = CHATML if has_chatml_tokens(tok) else DEFAULT
     return tok
 
 

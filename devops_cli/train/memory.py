@@ -171,6 +171,13 @@ class Plan:
             out += f"; {gib(self.host_need)} of CPU RAM per node for offloaded states{host}"
         return out
 
+    def to_dict(self) -> dict:
+        return {"device": self.device, "processes_per_node": self.processes, "source": self.source,
+                "parameters": self.shape.params if self.shape else None,
+                "rows": [{"what": name, "bytes": int(b)} for name, b in self.rows],
+                "host_rows": [{"what": name, "bytes": int(b)} for name, b in self.host_rows],
+                "need_bytes": int(self.need), "available_bytes": self.available, "fits": self.fits}
+
     def table(self) -> str:
         lines = [f"# memory plan per {self.device} ({self.processes} per node), model {self.shape.params / 1e9:.2f}B "
                  f"parameters from {self.source}:"]

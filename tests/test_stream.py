@@ -60,7 +60,8 @@ def test_streamed_blocks_are_the_in_memory_blocks(tokenizer, tmp_path):
     common = ["model_name_or_path=x", f"dataset_dir={d}", "output_dir=o", "max_steps=5", "val_size=0"]
 
     def in_memory(names: str) -> list[list[int]]:
-        blocks, _ = data.pack(data.load_all(load(None, [*common, f"dataset={names}"], stage="pt"), None), tokenizer, 1024)
+        r = load(None, [*common, f"dataset={names}"], stage="pt")
+        blocks, _ = data.pack(data.load_all(r, None), tokenizer, 1024, names=r.datasets)
         return blocks["input_ids"]
 
     def stream(names: str) -> list[list[int]]:

@@ -91,6 +91,17 @@ def _to_text(entry):
     return fn
 
 
+def messages_features():
+    """The features of to_messages' output: every source, alpaca or sharegpt, as plain role/content turns."""
+    from datasets import Features, Value
+
+    try:
+        from datasets import List
+    except ImportError:  # datasets < 4
+        from datasets import Sequence as List
+    return Features({"messages": List({"role": Value("string"), "content": Value("string")})})
+
+
 def to_messages(entry):
     """Map an alpaca (prompt/query/response/history) or sharegpt (messages) record to messages."""
     c, tags = entry.columns, entry.tags
@@ -166,8 +177,8 @@ def load_all(recipe: Recipe, num_proc: int | None):
             fn, kwargs = _to_text(entry), {}
         elif entry.ranking:
             fn, kwargs = to_preferences(entry), {"with_indices": True}
-        else:
-            fn, kwargs = to_messages(entry), {"with_indices": True}
+        else:  # the column type stated: a sharegpt column's own message fields must not carry over
+            fn, kwargs = to_messages(entry), {"with_indices": True, "features": messages_features()}
         parts.append(ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
                             desc=f"reading {name}", **kwargs))
     return mix.combine(parts, recipe.datasets, recipe.mix_strategy, recipe.interleave_probs, recipe.seed,

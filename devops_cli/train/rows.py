@@ -21,6 +21,7 @@ from devops_cli.dataset_info import DatasetEntry
 from devops_cli.errors import DevopsError
 
 STRINGS = ("prompt", "query", "response", "system", "chosen", "rejected")
+REASONING = "reasoning_content"  # an assistant message's reasoning (vLLM's name; `reasoning` is read as it too)
 
 
 def features(entry: DatasetEntry):
@@ -33,7 +34,7 @@ def features(entry: DatasetEntry):
         from datasets import Sequence as List
     c, tags = entry.columns, entry.tags
     text = Value("string")
-    message = {tags["role_tag"]: text, tags["content_tag"]: text}
+    message = {tags["role_tag"]: text, tags["content_tag"]: text, REASONING: text}
     if entry.formatting == "pt":
         return Features({c["prompt"]: text})
     if entry.formatting == "sharegpt":
@@ -59,9 +60,11 @@ def _message(entry: DatasetEntry, value):
     if isinstance(value, list):
         value = value[0] if value else None
     if not isinstance(value, dict):
-        return None if value is None else {entry.tags["role_tag"]: None, entry.tags["content_tag"]: _text(value)}
+        return None if value is None else {entry.tags["role_tag"]: None, entry.tags["content_tag"]: _text(value),
+                                           REASONING: None}
     return {entry.tags["role_tag"]: _text(value.get(entry.tags["role_tag"])),
-            entry.tags["content_tag"]: _text(value.get(entry.tags["content_tag"]))}
+            entry.tags["content_tag"]: _text(value.get(entry.tags["content_tag"])),
+            REASONING: _text(value.get(REASONING, value.get("reasoning")))}
 
 
 def project(entry: DatasetEntry, record: dict) -> dict:

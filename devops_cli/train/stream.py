@@ -42,7 +42,8 @@ def build(recipe: Recipe, tokenizer):
         if recipe.stage == "pt":
             parts.append(ds.map(data._to_text(entry), batched=True).select_columns(["text"]))
         else:
-            parts.append(ds.map(data.to_messages(entry), batched=True, with_indices=True).select_columns(["messages"]))
+            parts.append(ds.map(data.to_messages(entry), batched=True, with_indices=True, remove_columns=ds.column_names,
+                                features=data.messages_features()))
     stream = mix.combine(parts, recipe.datasets, recipe.mix_strategy, recipe.interleave_probs, recipe.seed,
                          recipe.where("interleave_probs"))
     report = data.DataReport()  # its mix fills in as the stream is read (several datasets)

@@ -103,7 +103,7 @@ docs: $(STAMP)
 
 # the docs as a static site in site/ (mkdocs-material, the docs extra); --strict: a warning fails the build
 docs-site: docs
-	$(VENV)/bin/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: $(STAMP)
 	set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done

@@ -312,13 +312,13 @@ def check(root: Path = ROOT) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv == ["--check"]:
-        problems = check()
+        problems = check(ROOT)
         print("\n".join(problems) if problems else "docs: every reference page current, every link resolves")
         return 1 if problems else 0
     if argv:
         print("usage: python -m devops_cli.docsgen [--check]", file=sys.stderr)
         return 2
-    changed = write()
+    changed = write(ROOT)
     print("\n".join(f"wrote {rel}" for rel in changed) if changed else "docs/reference is current")
     return 0
 

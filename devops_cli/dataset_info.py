@@ -73,7 +73,7 @@ def read_registry(dataset_dir: str, where: str) -> tuple[Path, dict]:
     info = root / "dataset_info.json"
     if not info.is_file():
         raise DevopsError(f"no dataset_info.json in '{dataset_dir}'", where,
-                          "create one (see README: Data formats) or fix dataset_dir")
+                          "create one (see docs/datasets.md) or fix dataset_dir")
     try:
         registry = json.loads(info.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -17,21 +17,22 @@ RUNNER = ROOT / "bench" / "gpu" / "runner.py"
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # a whole prepared command of seven steps: ~2.5 min on 2 quiet cores, more beside other work
+@pytest.mark.timeout(900)  # a whole prepared command of seven steps: ~2.5 min on 2 quiet cores, several x that beside other work
 def test_dry_mode_runs_every_step_on_cpu(tmp_path):
     """Behaviour, not speed: every step runs and passes. The kit's own budgets are for a lent GPU's scarce
-    minutes; here they are widened (--budget, --step-scale) so that a busy machine cannot cut a step."""
+    minutes; here they are widened (--budget 840, --step-scale 6: over 5x the quiet time) so that a busy
+    machine does not cut a step."""
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
-    r = subprocess.run(["bash", str(RUN), "--plan", "--out", str(tmp_path), "--budget", "560", "--step-scale", "4"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=590)  # fmt: skip
+    r = subprocess.run(["bash", str(RUN), "--plan", "--out", str(tmp_path), "--budget", "840", "--step-scale", "6"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)  # fmt: skip
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
     report = json.loads((tmp_path / "gpu-report.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
     assert list(steps) == ["env", "correctness", "train-lora-7b", "train-full-1.5b", "eval-7b", "chat-7b",
                            "train-full-1.5b-liger"]
     assert {s["status"] for s in report["steps"]} == {"ok"}, {k: (s["status"], s["tail"][-800:]) for k, s in steps.items()}
-    assert report["mode"].startswith("plan") and report["exit_code"] == 0 and report["budget_s"] == 560
+    assert report["mode"].startswith("plan") and report["exit_code"] == 0 and report["budget_s"] == 840
     tests = steps["correctness"]["result"]["tests"]
     assert len(tests) == 9 and "FAILED" not in tests.values(), tests
     assert tests["test_eval_on_cuda_float32_equals_cpu"] == tests["test_pt_full_trains_saves_and_loads"] == "PASSED"

@@ -46,18 +46,20 @@ class Step:
     tail: str = ""
 
 
-def steps(plan: bool) -> list[Step]:
+def steps(plan: bool, scale: float = 1.0) -> list[Step]:
+    """The kit's steps; `scale` (--step-scale) widens the time limits inside them too (per-test timeout,
+    the plain eval loop's budget)."""
     flag = ["--plan"] if plan else []
     return [
         Step("env", "info", 60, 40, [PY, str(HERE / "env.py"), *flag], "versions, GPU, nvidia-smi, what travelled"),
         Step("correctness", "check", 200, 150, [PY, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-rA",
-                                                "-p", "no:cacheprovider", "--timeout", "180"],
+                                                "-p", "no:cacheprovider", "--timeout", f"{180 * scale:.0f}"],
              "pt/sft full, LoRA, ZeRO-3 (bf16, nccl, 1 GPU); eval cuda fp32 = cpu, bf16 self-check; chat loop = generate; GPTQ int4"),
         Step("train-lora-7b", "speed", 120, 60, [PY, str(HERE / "train_speed.py"), "--run", "lora-7b", "--steps", "16", *flag],
              "LoRA r=64, 7B shape, 2048-token packed blocks: tokens/s, MFU, peak memory"),
         Step("train-full-1.5b", "speed", 75, 20, [PY, str(HERE / "train_speed.py"), "--run", "full-1.5b", "--steps", "16", *flag],
              "full sft, 1.5B shape: tokens/s, MFU, peak memory"),
-        Step("eval-7b", "speed", 70, 40, [PY, str(HERE / "eval_speed.py"), "--plain-budget", "35", *flag],
+        Step("eval-7b", "speed", 70, 40, [PY, str(HERE / "eval_speed.py"), "--plain-budget", f"{35 * scale:.0f}", *flag],
              "574 questions at 5 shots: scorer vs the plain one-at-a-time loop"),
         Step("chat-7b", "speed", 60, 30, [PY, str(HERE / "chat_speed.py"), "--tokens", "64", *flag],
              "TTFT and decode tokens/s of chat's loop vs generate"),
@@ -136,7 +138,10 @@ def main() -> int:
         args = ap.parse_args()
     except SystemExit as e:
         return int(e.code or 0)
-    chosen = steps(args.plan)
+    if args.step_scale <= 0:
+        print(f"error: --step-scale {args.step_scale:g} must be positive", file=sys.stderr)
+        return 2
+    chosen = steps(args.plan, args.step_scale)
     names = [s.name for s in chosen]
     if args.only:
         unknown = [n for n in args.only.split(",") if n not in names]
@@ -146,9 +151,6 @@ def main() -> int:
     budget = args.budget if args.budget is not None else (170.0 if args.plan else 450.0)
     if budget <= 0:
         print(f"error: --budget {budget:g} must be positive", file=sys.stderr)
-        return 2
-    if args.step_scale <= 0:
-        print(f"error: --step-scale {args.step_scale:g} must be positive", file=sys.stderr)
         return 2
     out = args.out or Path(os.environ.get("OUT") or ROOT / "runs" / "gpu-kit")
     out.mkdir(parents=True, exist_ok=True)

@@ -2,16 +2,17 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS := .[data,deepspeed,dev,qlora,quantize,serve]
+EXTRAS := .[data,deepspeed,dev,docs,qlora,quantize,serve]
 # requirements.lock: every Python package at the version the test suite passed on (written by
 # `make lock`, never by hand), except torch. Without a GPU, torch is pinned to the CPU build
 # (constraints.txt); with nvidia-smi on PATH pip picks the ordinary CUDA torch and its CUDA libraries.
 # Both apply inside build isolation too (PIP_CONSTRAINT).
 LOCK   := $(CURDIR)/requirements.lock
 PIN    := $(if $(shell command -v nvidia-smi 2>/dev/null),,$(CURDIR)/constraints.txt)
-PYTEST ?= -q
+# --durations: CI's log shows the slowest tests (and every test's time is in the -vv/-rA output if asked)
+PYTEST ?= -q --durations=30
 
-.PHONY: install test test-fast demo lint bench clean lock browser docs-corpus
+.PHONY: install test test-fast demo lint bench clean lock browser docs-corpus docs docs-site
 
 install: $(STAMP)
 
@@ -103,8 +104,18 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check devops_cli tests bench
 
+# docs/reference/cli.md and recipe-keys.md from the code (re-run after adding a command, option or recipe key;
+# tests/test_docs.py fails while they are stale), then the docs' own checks (links, anchors, configs named)
+docs: $(STAMP)
+	$(PY) -m devops_cli.docsgen
+	$(PY) -m devops_cli.docsgen --check
+
+# the docs as a static site in site/ (mkdocs-material, the docs extra); --strict: a warning fails the build
+docs-site: docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
 
 clean:
-	rm -rf $(VENV) $(NEW) runs .pytest_cache
+	rm -rf $(VENV) $(NEW) runs .pytest_cache site

@@ -75,7 +75,7 @@ def read_registry(dataset_dir: str, where: str) -> tuple[Path, dict]:
     info = root / "dataset_info.json"
     if not info.is_file():
         raise DevopsError(f"no dataset_info.json in '{dataset_dir}'", where,
-                          "create one (see README: Data formats) or fix dataset_dir")
+                          "create one (see docs/datasets.md) or fix dataset_dir")
     registry = read_json(info)  # its own file:line names it
     if not isinstance(registry, dict):
         raise DevopsError("dataset_info.json must map dataset names to entries", str(info))

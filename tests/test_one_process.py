@@ -24,16 +24,22 @@ TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
 TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
 
 
-def _processes_with(text: bytes) -> list[int]:
-    pids = []
+def _tree_commands(root: int) -> list[bytes]:
+    """Command lines of every process below `root` (children, theirs, ...). Only this test's own processes:
+    other runs on the machine (another checkout's tests) are none of its business."""
+    parent, cmdline = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmdline[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if text in cmd and int(pid) != os.getpid():
-            pids.append(int(pid))
-    return pids
+        parent[int(pid)] = int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state ppid ...
+    below, frontier = [], [root]
+    while frontier:
+        frontier = [pid for pid, ppid in parent.items() if ppid in frontier]
+        below += frontier
+    return [cmdline[pid] for pid in below]
 
 
 def _ok(r):
@@ -53,8 +59,9 @@ def test_one_process_trains_in_the_cli_and_stops_on_a_signal(sig, code, tiny_mod
         while not list(out.glob("checkpoint-*/trainer_state.json")):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()
             time.sleep(0.2)
-        # the CLI itself trains: no torchrun agent, no worker process
-        assert not _processes_with(b"devops_cli.train.worker") and not _processes_with(b"torch.distributed.run")
+        # the CLI itself trains: no torchrun agent, no worker process among the processes it started
+        others = _tree_commands(proc.pid)
+        assert not [c for c in others if b"devops_cli.train.worker" in c or b"torch.distributed.run" in c], others
         assert (out / "logs" / "rank0.log").is_file()
         os.killpg(proc.pid, sig)
         stdout, stderr = proc.communicate(timeout=60)

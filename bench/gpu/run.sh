@@ -2,9 +2,10 @@
 # The GPU kit in one command: proves every GPU path of devops-model and measures it, then writes
 # $OUT/gpu-report.md and $OUT/gpu-report.json (or --out DIR; else runs/gpu-kit/).
 #
-#   bash bench/gpu/run.sh                 # on a GPU machine (the device tool: see README.md, "GPU")
+#   bash bench/gpu/run.sh                 # on a GPU machine (the device tool: see docs/development/gpu-kit.md)
 #   bash bench/gpu/run.sh --plan          # CPU dry mode: every step on CPU with tiny shapes, < 3 min
 #   options: --out DIR  --budget SECONDS (whole command; default 450, 170 with --plan)  --only STEP,...
+#            --step-scale F (each step's own budget x F: a slow or busy machine)
 #
 # Uses the machine's own python3 (or $PYTHON) and nothing beyond the carried wheels in .whl/ (made
 # by bench/gpu/wheels.sh): they go to /tmp/devops-gpu-site with pip --no-index --no-deps and lead

@@ -46,18 +46,20 @@ class Step:
     tail: str = ""
 
 
-def steps(plan: bool) -> list[Step]:
+def steps(plan: bool, scale: float = 1.0) -> list[Step]:
+    """The kit's steps; `scale` (--step-scale) widens the time limits inside them too (per-test timeout,
+    the plain eval loop's budget)."""
     flag = ["--plan"] if plan else []
     return [
         Step("env", "info", 60, 40, [PY, str(HERE / "env.py"), *flag], "versions, GPU, nvidia-smi, what travelled"),
         Step("correctness", "check", 200, 150, [PY, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-rA",
-                                                "-p", "no:cacheprovider", "--timeout", "180"],
+                                                "-p", "no:cacheprovider", "--timeout", f"{180 * scale:.0f}"],
              "pt/sft full, LoRA, ZeRO-3 (bf16, nccl, 1 GPU); eval cuda fp32 = cpu, bf16 self-check; chat loop = generate; GPTQ int4"),
         Step("train-lora-7b", "speed", 120, 60, [PY, str(HERE / "train_speed.py"), "--run", "lora-7b", "--steps", "16", *flag],
              "LoRA r=64, 7B shape, 2048-token packed blocks: tokens/s, MFU, peak memory"),
         Step("train-full-1.5b", "speed", 75, 20, [PY, str(HERE / "train_speed.py"), "--run", "full-1.5b", "--steps", "16", *flag],
              "full sft, 1.5B shape: tokens/s, MFU, peak memory"),
-        Step("eval-7b", "speed", 70, 40, [PY, str(HERE / "eval_speed.py"), "--plain-budget", "35", *flag],
+        Step("eval-7b", "speed", 70, 40, [PY, str(HERE / "eval_speed.py"), "--plain-budget", f"{35 * scale:.0f}", *flag],
              "574 questions at 5 shots: scorer vs the plain one-at-a-time loop"),
         Step("chat-7b", "speed", 60, 30, [PY, str(HERE / "chat_speed.py"), "--tokens", "64", *flag],
              "TTFT and decode tokens/s of chat's loop vs generate"),
@@ -130,11 +132,16 @@ def main() -> int:
     ap.add_argument("--budget", type=float, help="seconds for the whole command, run.sh's wheel install included "
                     "(default 450 on a GPU, 170 with --plan)")
     ap.add_argument("--only", help="comma list of steps to run (env always runs)")
+    ap.add_argument("--step-scale", type=float, default=1.0, help="multiply each step's own budget (a slow or busy "
+                    "machine; the test suite's dry run); --budget still bounds the whole command")
     try:
         args = ap.parse_args()
     except SystemExit as e:
         return int(e.code or 0)
-    chosen = steps(args.plan)
+    if args.step_scale <= 0:
+        print(f"error: --step-scale {args.step_scale:g} must be positive", file=sys.stderr)
+        return 2
+    chosen = steps(args.plan, args.step_scale)
     names = [s.name for s in chosen]
     if args.only:
         unknown = [n for n in args.only.split(",") if n not in names]
@@ -165,7 +172,7 @@ def main() -> int:
                 step.status = "cut"
                 step.tail = f"not started: {left:.0f} s of the kit's {budget:.0f} s budget left"
             else:
-                run_step(step, min(step.plan_budget if args.plan else step.budget, left), env, log)
+                run_step(step, min((step.plan_budget if args.plan else step.budget) * args.step_scale, left), env, log)
             print(f"  {step.name:<16} {step.status:<7} {step.seconds:6.1f} s", flush=True)
             for line in step.result.get("lines", []):
                 print(f"      {line}", flush=True)

@@ -17,7 +17,7 @@ uses DeepSpeed), against what this machine has.
     runtime                                 CUDA context and allocator slack per GPU; on CPU the measured
                                             resident size of a worker with torch/transformers/datasets loaded
 
-Measured against real runs in bench/memory.py (README: Memory plan).
+Measured against real runs in bench/memory.py (docs/memory.md, docs/development/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def new_output_file(path, overwrite: bool, where: str | None = "--output", flag:
     if p.is_dir():
         raise DevopsError(f"'{p}' is a directory", where, "name a file")
     if p.exists() and not overwrite:
-        raise DevopsError(f"'{p}' exists", where, f"choose another path, or pass {flag}")
+        raise DevopsError(f"'{p}' exists", where, f"choose another path, or pass {flag} to overwrite it")
     writable_or_raise(p.parent, where)
     return p
 

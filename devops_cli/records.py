@@ -70,20 +70,21 @@ def scan(entry: DatasetEntry) -> Scan:
 def _weigh(entry: DatasetEntry, s: Scan) -> None:
     """Degenerate data, counted: identical pairs, one-class KTO data, mapped columns no record has."""
     c = entry.columns
+    where = str(entry.files[0]) if len(entry.files) == 1 else entry.where
     if entry.ranking and not entry.kto and s.pairs:
         if s.pairs_same == s.pairs:
             s.errors.append(DevopsError(
-                f"chosen equals rejected in every record ({s.pairs}): there is no preference to learn", entry.where,
+                f"chosen equals rejected in every record ({s.pairs}): there is no preference to learn", where,
                 f"check the '{c['chosen']}' and '{c['rejected']}' columns"))
         elif s.pairs_same:
-            s.warnings.append(f"{entry.where}: chosen equals rejected in {s.pairs_same} of {s.pairs} records "
+            s.warnings.append(f"{where}: chosen equals rejected in {s.pairs_same} of {s.pairs} records "
                               "(they teach nothing and dilute the rest)")
     if entry.kto and s.records:
         good, bad = s.kto[True], s.kto[False]
         if not good or not bad:
             kind = "desirable (kto_tag true)" if good else "undesirable (kto_tag false)"
             s.errors.append(DevopsError(f"all {good + bad} KTO records are {kind}: KTO weighs desirable against "
-                                        "undesirable answers and needs some of each", entry.where,
+                                        "undesirable answers and needs some of each", where,
                                         "add the other kind, or train desirable answers alone with `devops-model sft`"))
     for role in sorted(entry.explicit - set(_needed(entry)) - s.seen_roles):
         if role in c and entry.loader != "parquet":

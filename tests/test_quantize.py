@@ -301,6 +301,7 @@ def test_overwrite_guard_in_a_real_process_without_torch(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("x")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "tokenizer_config.json").write_text("{}")  # a model folder has a tokenizer
     r = run_cli("quantize", "-m", str(tmp_path / "model"), "-o", str(tmp_path / "out"))
     assert r.returncode == 2
     assert r.stderr.strip() == (f"error: --output: '{tmp_path / 'out'}' exists and is not empty — "

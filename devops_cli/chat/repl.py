@@ -21,6 +21,7 @@ from devops_cli.chat.session import ChatSession
 from devops_cli.chat.settings import SETTINGS
 from devops_cli.console import console, fail, fail_all, warn
 from devops_cli.errors import DevopsError, did_you_mean
+from devops_cli.outputs import new_output_file
 
 HELP = [
     ("/help", "this list"),
@@ -212,9 +213,8 @@ class Repl:
         parts = [p for p in parts if p != "--force"]
         if len(parts) != 1:
             raise DevopsError("usage: /save FILE [--force]  (FILE.json: JSON, anything else: Markdown)")
-        path = Path(parts[0]).expanduser()
-        if path.exists() and not force:
-            raise DevopsError(f"'{path}' exists", hint="choose another name or add --force to overwrite it")
+        reads = {"model": self.session.model_name, "adapter": self.session.adapter}
+        path = new_output_file(parts[0], force, None, "--force", inputs=reads)  # never the model, never a device
         count = transcript.save(self.session.state(), path)
         kind = "JSON" if path.suffix.lower() == ".json" else "Markdown"
         note = f"; {count} secret{'s' if count != 1 else ''} redacted" if count else ""

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from devops_cli.errors import DevopsError, first_line
+from devops_cli.outputs import write_file
 
 REDACTED = "[REDACTED]"
 _HARMLESS = re.compile(r"\d{1,7}|true|false|null|none|yes|no|on|off|bearer|basic|\*+|<.*|\$\{?\w+\}?", re.I)
@@ -117,11 +118,7 @@ def save(state: dict, path: Path) -> int:
     """Write the transcript (JSON for *.json, else Markdown), secrets redacted; returns the count."""
     state, count = _redact_state({**state, "saved": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     text = json.dumps(state, ensure_ascii=False, indent=2) + "\n" if path.suffix.lower() == ".json" else to_markdown(state)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as e:
-        raise DevopsError(f"cannot write '{path}': {e.strerror or e}") from None
+    write_file(path, text, None)  # atomic; a full disk or an unwritable place is one line
     return count
 
 

@@ -4,6 +4,7 @@ cut into token blocks for GPTQ with evenly spaced blocks held out for perplexity
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def open_source(spec: str | None, field: str | None, dataset_dir: str, where: st
         entries = [dataset_info.resolve(n, "bundled", "pt", where) for n in BUNDLED_CORPUS]
         return _registry_source(entries, "the bundled DevOps corpus (" + ", ".join(BUNDLED_CORPUS) + ")", where)
     path = Path(spec)
-    if path.suffix in FILE_KINDS or path.exists():
+    if path.suffix in FILE_KINDS or os.path.lexists(path):
         return _file_source(path, field, where)
     _, registry = dataset_info.read_registry(dataset_dir, where)
     names = [n.strip() for n in spec.split(",") if n.strip()]
@@ -54,19 +55,21 @@ def open_source(spec: str | None, field: str | None, dataset_dir: str, where: st
 
 
 def _file_source(path: Path, field: str | None, where: str) -> Source:
-    if not path.is_file():
-        raise DevopsError(f"calibration file '{path}' not found", where, "check the path")
-    if path.suffix not in FILE_KINDS:
+    from devops_cli import reading
+
+    reading.check_file(path, where, "calibration file")  # a dangling link, a folder, a device: one line
+    if reading.split_suffix(path)[0] not in FILE_KINDS:
         raise DevopsError(f"calibration file '{path}' is not {', '.join(FILE_KINDS)}", where,
                           "convert it, or register it in dataset_info.json and pass its name")
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DevopsError(f"calibration file '{path}' is not UTF-8 text (byte {e.start} cannot be decoded: a binary file?)",
-                          where, "pass a text, .jsonl or .json file") from None
+        with reading.open_text(path, where) as f:  # the one reading rule: BOM encodings, NUL bytes, .gz
+            text = f.read()
+    except (UnicodeDecodeError, reading.NotText) as e:
+        raise DevopsError(f"calibration file '{path}' is {reading.not_text(e, path)}", where,
+                          "pass a text, .jsonl or .json file") from None
     if not text.strip():
         raise DevopsError(f"calibration file '{path}' is empty", where, "add text (jsonl: one {\"text\": ...} per line)")
-    if path.suffix == ".txt":
+    if reading.split_suffix(path)[0] == ".txt":
         return Source(str(path), str(path), lambda: iter([(text, str(path))]), lambda t, w, tok: t)
     records = _json_records(path)
     first, first_where = next(records)

@@ -1,4 +1,6 @@
-"""Chat templates (Jinja, as tokenizers carry them) for models that ship none."""
+"""Chat templates (Jinja, as tokenizers carry them) for models that ship none, and the Qwen3 family's."""
+
+from pathlib import Path
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -31,3 +33,7 @@ def has_chatml_tokens(tokenizer) -> bool:
     """The tokenizer has Qwen's ChatML markers as tokens (so a ChatML prompt encodes as Qwen trained it)."""
     vocab = tokenizer.get_vocab()
     return "<|im_start|>" in vocab and "<|im_end|>" in vocab
+
+# The hybrid-thinking template of Qwen3's post-trained models (tokenizer_config.json of Qwen3-8B, 2507
+# revision; Apache-2.0): tools, <think> blocks on the turns after the last user query, enable_thinking.
+QWEN3 = (Path(__file__).parent / "assets" / "templates" / "qwen3.jinja").read_text(encoding="utf-8")

@@ -25,6 +25,21 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory):
+    """tiny_arch("qwen3") -> a tiny model of that architecture, built once per session."""
+    from devops_cli.tiny import build
+
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build(tmp_path_factory.mktemp(arch.replace(".", "_")) / "model", arch=arch)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model):
     from devops_cli.modeling import load_tokenizer
 

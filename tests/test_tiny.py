@@ -72,3 +72,53 @@ def test_training_clears_a_pad_token_ids_frozen_embedding_row(tiny_model):
     assert separator_grad() == 0  # nn.Embedding's padding_idx: this is what a pt run would get
     assert train_every_embedding(model) == config.eos_token_id
     assert separator_grad() > 0 and train_every_embedding(model) is None
+
+
+import pytest  # noqa: E402
+
+QWEN3_FAMILY = ["qwen3", "qwen3-moe", "qwen3.5"]
+
+
+@pytest.mark.parametrize("arch", QWEN3_FAMILY)
+def test_qwen3_family_models_carry_the_thinking_template_and_tokens(tiny_arch, arch):
+    """Each Qwen3-family tiny model: its architecture, ids that survive a reload, <think>/<tool_call> as
+    single added tokens that decode as text, <|im_end|> as eos, and Qwen3's hybrid-thinking template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from devops_cli.tiny import THINK_TOKENS, train_tokenizer
+
+    d = tiny_arch(arch)
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    expected = {"qwen3": "Qwen3ForCausalLM", "qwen3-moe": "Qwen3MoeForCausalLM", "qwen3.5": "Qwen3_5ForCausalLM"}
+    assert type(model).__name__ == expected[arch]
+    text = "kubectl get pods -n 生产\n<think>\nwhy</think>\n\n<tool_call>\n{}\n</tool_call>"
+    assert tok(text)["input_ids"] == train_tokenizer(arch=arch)(text)["input_ids"]
+    for t in THINK_TOKENS:
+        (i,) = tok(t, add_special_tokens=False)["input_ids"]
+        assert tok.decode([i], skip_special_tokens=True) == t  # not special: survives skip_special_tokens
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    conv = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\na1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    assert tok.apply_chat_template(conv, tokenize=False) == (
+        "<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"  # earlier reasoning dropped
+        "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\na2<|im_end|>\n")
+    assert tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True,
+                                   enable_thinking=False).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    ids = tok("hello", return_tensors="pt")
+    assert torch.isfinite(model(**ids).logits).all()
+    if arch == "qwen3-moe":
+        assert model.config.num_experts == 4 and model.config.num_experts_per_tok == 2
+    if arch == "qwen3.5":
+        assert set(model.config.layer_types) == {"linear_attention", "full_attention"}
+
+
+def test_tiny_refuses_an_unknown_arch(tmp_path, capsys):
+    from devops_cli.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["tiny", str(tmp_path / "m"), "--arch", "llama"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown architecture 'llama'" in err and "qwen3-moe" in err and not (tmp_path / "m").exists()

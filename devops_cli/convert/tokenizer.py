@@ -14,6 +14,8 @@ from devops_cli.errors import DevopsError
 from devops_cli.templates import CHATML
 
 QWEN_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# Qwen3.5's split (its tokenizer class re-applies it on load): letters followed by combining marks stay whole
+QWEN3_5_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
 SPECIAL_START = 151643  # <|endoftext|>; the 151,643 BPE ranks come first
 
@@ -44,14 +46,15 @@ def _last_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes
     return parts[0], parts[1]
 
 
-def qwen_pipeline(tok):
+def qwen_pipeline(tok, regex: str = QWEN_REGEX):
     """A `tokenizers.Tokenizer` with Qwen's text pipeline: NFC, the Qwen regex split, byte-level BPE pieces.
-    Qwen2Tokenizer re-applies exactly this on load, so ids survive a save/reload."""
+    Qwen2Tokenizer re-applies exactly this on load (Qwen3_5Tokenizer with QWEN3_5_REGEX), so ids survive a
+    save/reload."""
     from tokenizers import Regex, decoders, normalizers, pre_tokenizers
 
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])  # fmt: skip
     tok.decoder = decoders.ByteLevel()

@@ -5,6 +5,12 @@ The DevOps exam is six subjects, 574 scored questions (../shared/notes/eval-prot
     CMMLU  {dev,test}/<subject>.csv           header `,Question,A,B,C,D,Answer`
     C-Eval {dev,val}/<subject>_{dev,val}.csv  header `id,question,A,B,C,D,answer[,explanation]`
 
+and codefuse-devops-eval's own layout (its 53 subjects; `devops-model data exam` writes it too):
+
+    DevOps-Eval [zh|en/]{dev,test}/<Subject>.csv  header `id,question,A,B,C,D,answer[,explanation]`
+                categroy_mapping.json (sic; optional, beside the split folders, one up, or in resources/):
+                {"<Subject>.csv": [english name, chinese name, {"dev": 5, "test": n}, "<Subject>.csv"]}
+
 Cells are kept exactly as shipped (trailing spaces, CJK radical code points, embedded newlines): any
 normalisation changes tokens and therefore scores. Every problem names file:line and how to fix it.
 No torch import here.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +40,8 @@ DEVOPS_EXAM = {
 # Chinese names of the bundled sample exam's subjects (devops_cli/assets/exam), for the headers
 ZH_NAMES = {"devops_practice": "开发运维实践", "linux_operations": "Linux运维"}
 HUB = {"cmmlu": "haonan-li/cmmlu", "ceval": "ceval/ceval-exam"}
-SCORED_SPLIT = {"cmmlu": "test", "ceval": "val"}
+SCORED_SPLIT = {"cmmlu": "test", "ceval": "val", "devopseval": "test"}
+MAPPING = "categroy_mapping.json"  # codefuse-devops-eval's spelling
 CMMLU_HEADER = ["", "Question", "A", "B", "C", "D", "Answer"]
 CEVAL_HEADERS = (["id", "question", "A", "B", "C", "D", "answer"],
                  ["id", "question", "A", "B", "C", "D", "answer", "explanation"])  # fmt: skip
@@ -59,11 +67,20 @@ class Subject:
     test_file: str = ""
 
 
+def _header(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []  # read_csv names the problem with its file:line
+
+
 def _files(root: Path) -> dict[str, tuple[str, Path, Path]]:
     """{subject: (layout, dev csv, scored csv)} found directly in root (one layout per root)."""
     found = {}
-    for path in sorted((root / "test").glob("*.csv")):  # CMMLU
-        found[path.stem] = ("cmmlu", root / "dev" / path.name, path)
+    for path in sorted((root / "test").glob("*.csv")):  # CMMLU, or DevOps-Eval (told apart by the header)
+        layout = "devopseval" if _header(path)[:2] == ["id", "question"] else "cmmlu"
+        found[path.stem] = (layout, root / "dev" / path.name, path)
     for path in sorted((root / "val").glob("*_val.csv")):  # C-Eval
         name = path.name[: -len("_val.csv")]
         found.setdefault(name, ("ceval", root / "dev" / f"{name}_dev.csv", path))
@@ -81,8 +98,28 @@ def discover(data_dir: Path) -> dict[str, tuple[str, Path, Path]]:
             found.setdefault(name, entry)
     if not found:
         raise DevopsError(f"--data-dir '{data_dir}' holds no exam CSVs",
-                          hint="expected CMMLU {dev,test}/<subject>.csv or C-Eval {dev,val}/<subject>_{dev,val}.csv")
+                          hint="expected CMMLU {dev,test}/<subject>.csv, C-Eval {dev,val}/<subject>_{dev,val}.csv "
+                               "or DevOps-Eval {dev,test}/<Subject>.csv")
     return found
+
+
+def category_names(data_dir: Path, test_file: Path) -> tuple[str, str] | None:
+    """(english, chinese) names of a DevOps-Eval subject file from its categroy_mapping.json, if one is
+    beside the split folders, one folder up (the zh/ en/ parent) or in resources/ there."""
+    split_root = test_file.parent.parent
+    for folder in (split_root, split_root.parent, data_dir, split_root.parent / "resources", data_dir / "resources"):
+        path = folder / MAPPING
+        if path.is_file():
+            try:
+                mapping = json.loads(path.read_text(encoding="utf-8-sig"))
+                entry = mapping[test_file.name]
+                return str(entry[0]), str(entry[1])
+            except KeyError:
+                return None
+            except (ValueError, TypeError, IndexError, UnicodeDecodeError) as e:
+                raise DevopsError(f"not codefuse-devops-eval's mapping ({first_line(e)})", str(path),
+                                  'expected {"<Subject>.csv": [english, chinese, {"dev": 5, "test": n}, file]}') from None
+    return None
 
 
 def select(names: str | None, available: list[str]) -> list[str]:
@@ -103,7 +140,7 @@ def read_csv(path: Path, layout: str, split: str) -> list[Question]:
     """Rows of one exam CSV, checked: header, column count, answer letter. Errors name file:line."""
     if not path.is_file():
         raise DevopsError(f"exam file not found: {path}",
-                          hint=f"a {layout} subject needs {'dev/ and test/' if layout == 'cmmlu' else 'dev/ and val/'} files")
+                          hint=f"a {layout} subject needs {'dev/ and val/' if layout == 'ceval' else 'dev/ and test/'} files")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -120,7 +157,7 @@ def read_csv(path: Path, layout: str, split: str) -> list[Question]:
     if not rows:
         raise DevopsError("the file is empty", str(path), "it needs a header line and at least one question")
     header_line, header = rows[0]
-    expected = [CMMLU_HEADER] if layout == "cmmlu" else list(CEVAL_HEADERS)
+    expected = [CMMLU_HEADER] if layout == "cmmlu" else list(CEVAL_HEADERS)  # DevOps-Eval: C-Eval's columns
     if header not in expected:
         want = " or ".join(",".join(h) for h in expected)
         raise DevopsError(f"wrong header {','.join(header)!r}", f"{path}:{header_line}", f"a {layout} file starts with {want}")
@@ -152,6 +189,8 @@ def load_local(data_dir: Path, subjects: str | None, shots: int) -> list[Subject
                               hint="pass --subjects all (every subject found) or --subjects a,b")
         layout, dev_file, test_file = found[name]
         zh = DEVOPS_EXAM[name][1] if name in DEVOPS_EXAM else ZH_NAMES.get(name, name)
+        if layout == "devopseval" and (names := category_names(data_dir, test_file)):
+            zh = names[1]
         s = Subject(name, layout, zh, dev_file=str(dev_file), test_file=str(test_file))
         s.test = read_csv(test_file, layout, SCORED_SPLIT[layout])
         s.dev = read_csv(dev_file, layout, "dev") if shots else []

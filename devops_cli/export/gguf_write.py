@@ -65,10 +65,7 @@ def write(path: Path, model, config: dict, vocab, quant: str, name: str, generat
     import gguf
     import numpy as np
 
-    arch_name = architecture(config)
-    arch = getattr(gguf.MODEL_ARCH, arch_name)
-    qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]  # fmt: skip
+    arch = getattr(gguf.MODEL_ARCH, architecture(config))
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]  # fmt: skip
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
@@ -79,24 +76,12 @@ def write(path: Path, model, config: dict, vocab, quant: str, name: str, generat
     vocab.add_to(writer)
     _sampling(writer, generation or {})
 
-    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
-    plan = []  # (gguf name, HF tensor, split, type)
-    for hf_name, tensor in _hf_tensors(model, config):
-        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise DevopsError(f"tensor '{hf_name}' has no llama.cpp {arch_name.lower()} name", "--model",
-                              "the model holds parts llama.cpp's loader does not know")  # fmt: skip
-        kind = gguf.GGMLQuantizationType.F32 if tensor.dim() <= 1 or new.endswith("_norm.weight") else qtype
-        if kind in (gguf.GGMLQuantizationType.Q8_0,) and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
-            kind = gguf.GGMLQuantizationType.F16  # rows that do not split into 32-value blocks
-        if kind == gguf.GGMLQuantizationType.F16 and tensor.abs().max().item() > F16_MAX:
-            raise DevopsError(f"'{hf_name}' holds values beyond float16's range (|x| > 65504)", "--quant",
-                              "export with --quant bf16")  # fmt: skip
-        plan.append((new, tensor, kind))
+    plan = tensor_plan(model, config, quant)
+    for new, tensor, kind in plan:
         shape = tuple(tensor.shape)
         if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
-            writer.add_tensor_info(new, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            dtype = np.dtype(np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16)
+            writer.add_tensor_info(new, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
         else:
             byte_shape = gguf.quant_shape_to_byte_shape(shape, kind)
             writer.add_tensor_info(new, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
@@ -107,19 +92,70 @@ def write(path: Path, model, config: dict, vocab, quant: str, name: str, generat
     types: dict[str, int] = {}
     params = 0
     for _new, tensor, kind in plan:  # one tensor in numpy at a time
-        data = tensor.detach().float().cpu().numpy()
-        params += data.size
-        if kind == gguf.GGMLQuantizationType.F32:
-            out = data.astype(np.float32)
-        elif kind == gguf.GGMLQuantizationType.F16:
-            out = data.astype(np.float16)
-        else:
-            out = gguf.quants.quantize(data, kind)
-        writer.write_tensor_data(out)
+        data = _encode(tensor, kind)
+        params += tensor.numel()
+        writer.write_tensor_data(data)
         types[kind.name] = types.get(kind.name, 0) + 1
     writer.close()
     return Written(path=path, arch=gguf.MODEL_ARCH_NAMES[arch], tensors=len(plan), params=params, types=types,
                    bytes=path.stat().st_size)  # fmt: skip
+
+
+def tensor_plan(model, config: dict, quant: str) -> list:
+    """[(GGUF name, tensor, GGML type)] in file order: 1-D tensors and norms F32, matrices in `quant`
+    (F16 where a row does not split into the type's blocks)."""
+    import gguf
+
+    arch_name = architecture(config)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch_name), config["num_hidden_layers"])
+    qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]  # fmt: skip
+    plan = []
+    for hf_name, tensor in _hf_tensors(model, config):
+        new = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise DevopsError(f"tensor '{hf_name}' has no llama.cpp {arch_name.lower()} name", "--model",
+                              "the model holds parts llama.cpp's loader does not know")  # fmt: skip
+        kind = gguf.GGMLQuantizationType.F32 if tensor.dim() <= 1 or new.endswith("_norm.weight") else qtype
+        if kind == gguf.GGMLQuantizationType.Q8_0 and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+            kind = gguf.GGMLQuantizationType.F16  # rows that do not split into 32-value blocks
+        if kind == gguf.GGMLQuantizationType.F16 and tensor.abs().max().item() > F16_MAX:
+            raise DevopsError(f"'{hf_name}' holds values beyond float16's range (|x| > 65504)", "--quant",
+                              "export with --quant bf16")  # fmt: skip
+        plan.append((new, tensor, kind))
+    return plan
+
+
+def _encode(tensor, kind):
+    """A tensor as the bytes (or float array) GGUF stores for GGML type `kind`."""
+    import gguf
+    import numpy as np
+
+    data = tensor.detach().float().cpu().numpy()
+    if kind == gguf.GGMLQuantizationType.F32:
+        return data.astype(np.float32)
+    if kind == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data, kind)
+
+
+def round_in_place(model, config: dict, quant: str) -> None:
+    """Give the in-memory model the weights its GGUF holds (each tensor through the file's type and
+    back): the plain reference the reloaded GGUF must equal."""
+    import gguf
+    import torch
+
+    with torch.no_grad():
+        for _new, tensor, kind in tensor_plan(model, config, quant):
+            if kind == gguf.GGMLQuantizationType.F32:
+                back = tensor.float()
+            elif kind == gguf.GGMLQuantizationType.F16:
+                back = tensor.to(torch.float16)
+            elif kind == gguf.GGMLQuantizationType.BF16:
+                back = tensor.to(torch.bfloat16)
+            else:
+                back = torch.from_numpy(gguf.quants.dequantize(_encode(tensor, kind), kind)).reshape(tensor.shape)
+            tensor.copy_(back.to(tensor.dtype))
 
 
 def _hparams(writer, config: dict) -> None:
@@ -146,7 +182,7 @@ def _hparams(writer, config: dict) -> None:
             writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings",
                                                                   config["max_position_embeddings"])))
     if config.get("model_type") == "qwen3_moe":
-        writer.add_expert_count(config["num_experts"])
+        writer.add_expert_count(config.get("num_local_experts") or config["num_experts"])  # transformers 5 | 4
         writer.add_expert_used_count(config["num_experts_per_tok"])
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
 

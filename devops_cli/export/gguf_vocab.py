@@ -86,6 +86,9 @@ def read(tokenizer, source: str, vocab_size: int) -> Vocab:
         raise DevopsError(f"a merge in {path} holds a space, which GGUF's 'a b' merge format cannot carry")
 
     vocab = tokenizer.get_vocab()
+    if len(vocab) < 256:  # transformers builds an empty tokenizer for a folder that has none
+        raise DevopsError(f"the tokenizer of '{source}' has {len(vocab)} tokens (a byte-level BPE has at least 256)",
+                          "--model", "save the model's own tokenizer beside it")  # fmt: skip
     if max(vocab.values()) >= vocab_size:
         raise DevopsError(f"the tokenizer has ids up to {max(vocab.values())}, the model's embedding only {vocab_size} rows",
                           "--model", "the tokenizer does not belong to this model")  # fmt: skip

@@ -28,6 +28,7 @@ from devops_cli.sources import check_model_arg
 from devops_cli.weights import check_adapter_dir
 
 NEW_TOKENS = 16
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "qwen.tiktoken")
 
 
 class ExportCheckError(DevopsError):
@@ -103,6 +104,9 @@ def _run(o: GGUFOptions, out: Path, scratch: Path, t0: float) -> dict:
         info(f"merging LoRA adapter {o.adapter} into {base} …")
         model_path = str(merge_adapter(Path(o.adapter), scratch / "merged", base, o.trust_remote_code))
     source = resolve_model(model_path)
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        raise DevopsError(f"'{model_path}' has no tokenizer ({' / '.join(TOKENIZER_FILES)})", "--model",
+                          "save the tokenizer beside the model (tokenizer.save_pretrained): GGUF carries it")  # fmt: skip
     tokenizer = load_tokenizer(source, trust_remote_code=o.trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=o.trust_remote_code).to_dict()
     arch = gguf_write.architecture(config)

@@ -11,7 +11,7 @@ LOCK   := $(CURDIR)/requirements.lock
 PIN    := $(if $(shell command -v nvidia-smi 2>/dev/null),,$(CURDIR)/constraints.txt)
 PYTEST ?= -q
 
-.PHONY: install test test-fast demo lint bench clean lock browser llama-cpp
+.PHONY: install test test-fast demo lint bench clean lock browser golang llama-cpp
 
 install: $(STAMP)
 
@@ -73,7 +73,13 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
 	  echo "no chromium: the chat page test will be skipped (apt-get install chromium)"; }
 
-test: $(STAMP) browser
+# the Modelfile test renders its TEMPLATEs with Go's own text/template too (the engine ollama uses)
+golang:
+	@command -v go >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null) || \
+	  echo "no Go: the Go text/template cross-check of the Modelfile will be skipped (apt-get install golang-go)"; }
+
+test: $(STAMP) browser golang
 	$(PY) -m pytest $(PYTEST)
 
 # everything but the tests marked slow (worker launches, GPTQ, the full exam, models loaded in fresh
@@ -91,6 +97,7 @@ demo: $(STAMP)
 	$(DM) pt configs/tiny-pt.yaml nproc_per_node=2 model_name_or_path=$(DEMO)/tiny output_dir=$(DEMO)/pt
 	$(DM) sft configs/tiny-sft.yaml finetuning_type=lora learning_rate=5e-3 model_name_or_path=$(DEMO)/pt output_dir=$(DEMO)/sft
 	$(DM) export --adapter $(DEMO)/sft --output $(DEMO)/sft-merged
+	$(DM) export --model $(DEMO)/sft-merged --format gguf --quant q8_0 --ollama --name devops-demo --output $(DEMO)/gguf
 	$(DM) quantize --model $(DEMO)/sft-merged --output $(DEMO)/int4 --calib-seq-len 256
 	@echo
 	@echo "demo outputs:"
@@ -98,6 +105,8 @@ demo: $(STAMP)
 	@echo "  $(DEMO)/pt          continued pretraining, 2 gloo workers: model, metrics.json, training_loss.png, logs/, runs/ (tensorboard)"
 	@echo "  $(DEMO)/sft         LoRA adapter from ChatML sft on the bundled QA, with metrics.json and training_loss.png"
 	@echo "  $(DEMO)/sft-merged  the adapter merged into full weights (AutoModelForCausalLM.from_pretrained loads it)"
+	@echo "  $(DEMO)/gguf        sft-merged as GGUF q8_0 + ollama Modelfile, checked in transformers and llama.cpp (gguf.json);"
+	@echo "                      run it in ollama: ollama create devops-demo -f $(DEMO)/gguf/Modelfile"
 	@echo "  $(DEMO)/int4        GPTQ int4 of sft-merged, calibrated on the bundled corpus; quantize.json has sizes and perplexity"
 	@# eval: the sft adapter (chat on: an sft output) if present, else the tiny model; the bundled sample
 	@# exam always, the real 574-question DevOps exam when ../shared/data/devops-exam is there

@@ -9,6 +9,7 @@ build's one-line reason.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -252,6 +253,7 @@ def test_a_failed_check_leaves_nothing(tiny_model, tmp_path, capsys):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_adapter_is_merged_then_exported(tiny_model, tmp_path):
     """--adapter + --format gguf: the GGUF computes the merged model (not the base)."""
     import torch
@@ -277,3 +279,59 @@ def test_an_adapter_is_merged_then_exported(tiny_model, tmp_path):
         got = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf").eval()(ids).logits
     assert (got - merged).abs().max() < 1e-2 < (got - base).abs().max()
     assert sorted(p.name for p in out.iterdir()) == ["gguf.json", "model.gguf"]
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+func main() {
+	source, _ := os.ReadFile(os.Args[1])
+	raw, _ := os.ReadFile(os.Args[2])
+	var data map[string]any
+	if err := json.Unmarshal(raw, &data); err != nil {
+		panic(err)
+	}
+	t, err := template.New("modelfile").Parse(string(source))
+	if err != nil {
+		os.Stderr.WriteString(err.Error())
+		os.Exit(3)
+	}
+	if err := t.Execute(os.Stdout, data); err != nil {
+		os.Stderr.WriteString(err.Error())
+		os.Exit(4)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="no Go toolchain (make test installs Debian's golang-go)")
+@pytest.mark.parametrize("family", ["chatml", "qwen3"])
+def test_go_text_template_renders_the_templates_as_devops_model_does(family, tmp_path):
+    """Go's own text/template (the engine ollama runs TEMPLATEs with) parses each TEMPLATE and renders the
+    plain-chat probes to the same text as devops-model's renderer: the subset renderer is checked against
+    the real one. (Tool probes are left out: ollama's tool types print themselves as JSON, Go maps do not.)"""
+    import dataclasses
+    import subprocess
+
+    from devops_cli.export.gotemplate import render
+    from devops_cli.export.modelfile import FAMILIES, ollama_values, three_turns
+
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    (tmp_path / "go.mod").write_text("module render\n\ngo 1.19\n")
+    env = {**os.environ, "GOCACHE": str(tmp_path / "cache"), "GOPATH": str(tmp_path / "gopath"), "GOFLAGS": "-mod=mod"}
+    subprocess.run(["go", "build", "-o", str(tmp_path / "render"), "."], cwd=tmp_path, env=env, check=True, timeout=300)
+    (tmp_path / "template").write_text(FAMILIES[family])
+    cases = [ollama_values(three_turns(True), None), ollama_values(three_turns(False), "You are a helpful assistant."),
+             ollama_values(three_turns(True), None, think=False), ollama_values(three_turns(True), None, think=True)]
+    for values in cases:
+        data = {**values, "Messages": [dataclasses.asdict(m) for m in values["Messages"]]}
+        (tmp_path / "data.json").write_text(json.dumps(data))
+        go = subprocess.run([str(tmp_path / "render"), str(tmp_path / "template"), str(tmp_path / "data.json")],
+                            capture_output=True, text=True, timeout=60)
+        assert go.returncode == 0, go.stderr
+        assert go.stdout == render(FAMILIES[family], values)

@@ -59,12 +59,19 @@ def prompts(tokenizer) -> list[list[int]]:
 
 
 def chat_text(tokenizer) -> str | None:
-    """A three-turn chat with a system prompt rendered by the model's template (special tokens in it)."""
-    from devops_cli.export.modelfile import three_turns
+    """A three-turn chat with a system prompt rendered by the model's template (special tokens in it),
+    then, where the template takes tools, a tool call with thinking and its result (Qwen3's <think>,
+    <tool_call>, <tool_response> added tokens in it)."""
+    from devops_cli.export.modelfile import TOOL_CHAT, TOOLS, three_turns
 
     if not tokenizer.chat_template:
         return None
-    return tokenizer.apply_chat_template(three_turns(True), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(three_turns(True), tokenize=False, add_generation_prompt=True)
+    try:
+        text += tokenizer.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template without tools
+        pass
+    return text
 
 
 def stop_ids(tokenizer, generation: dict) -> list[int]:

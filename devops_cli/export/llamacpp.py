@@ -130,13 +130,15 @@ def _speed(job: dict) -> dict:
 
 
 def _quantize(job: dict) -> dict:
+    import ctypes
+
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[job["ftype"]])
     params.nthread = max(1, os.cpu_count() or 1)
     t0 = time.perf_counter()
-    code = llama_cpp.llama_model_quantize(job["src"].encode(), job["dst"].encode(), params)
+    code = llama_cpp.llama_model_quantize(job["src"].encode(), job["dst"].encode(), ctypes.byref(params))
     if code != 0:
         print(f"error: llama_model_quantize returned {code}", file=sys.stderr)
         sys.exit(1)

@@ -23,6 +23,18 @@ needs_llamacpp = pytest.mark.skipif(LLAMA_CPP is not None, reason=str(LLAMA_CPP)
 TINY = {"qwen2": None, "qwen3": "qwen3", "qwen3-moe": "qwen3-moe"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """2 cores shared with other jobs: two OpenMP threads spin against each other (small ops ~100x slower,
+    as tests/test_quantize.py found). One torch thread, and llama.cpp gets the same count from export."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _main(*argv: str) -> int:
     from devops_cli.cli import main
 
@@ -112,7 +124,7 @@ def test_llamacpp_tokenizes_mixed_text_and_chats_as_hf(exported, model_of, arch)
 
     tok = AutoTokenizer.from_pretrained(model_of(arch))
     chat = chat_text(tok)
-    r = llamacpp.call({"job": "run", "gguf": str(exported(arch, "f16") / "model.gguf"), "texts": [MIXED, chat]})
+    r = llamacpp.call({"job": "run", "gguf": str(exported(arch, "f16") / "model.gguf"), "texts": [MIXED, chat], "threads": 1})
     assert r["tokens"][0] == tok(MIXED)["input_ids"]
     assert r["special_tokens"][1] == tok(chat)["input_ids"]
     assert r["tokens"][1] != tok(chat)["input_ids"]  # unparsed, the markers are plain text: the check can fail

@@ -5,7 +5,8 @@ GGUF that llama.cpp rejects may abort the process that loads it, and llama.cpp's
 to the child's stderr, which is shown only when the call fails. Importing this module does not
 import llama_cpp or torch.
 
-Jobs:  {"job": "run", "gguf": PATH, "texts": [...], "prompts": [[ids]], "max_new_tokens": N,
+Jobs (each may name "threads": the parent passes torch's thread count, so both runtimes use the same):
+       {"job": "run", "gguf": PATH, "texts": [...], "prompts": [[ids]], "max_new_tokens": N,
         "stop": [ids], "blocks": [[ids]]}  -> {"tokens": [[ids]], "special_tokens": [[ids]],
         "greedy": [[ids]], "nll": [mean NLL per block], "seconds": {...}}
        {"job": "quantize", "src": PATH, "dst": PATH, "ftype": "q4_k_m"} -> {"seconds": s}
@@ -61,11 +62,12 @@ def call(job: dict, timeout: float = 3600) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The child
 # ----------------------------------------------------------------------------------------------
-def _load(path: str, n_ctx: int):
+def _load(path: str, n_ctx: int, threads: int | None):
     from llama_cpp import Llama
 
+    threads = threads or max(1, os.cpu_count() or 1)
     return Llama(model_path=path, n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True, verbose=False,
-                 n_threads=max(1, os.cpu_count() or 1), seed=0)  # fmt: skip
+                 n_threads=threads, n_threads_batch=threads, seed=0)  # fmt: skip
 
 
 def _greedy(llm, prompt: list[int], n: int, stop: set[int]) -> list[int]:
@@ -99,7 +101,7 @@ def _run(job: dict) -> dict:
     t0 = time.perf_counter()
     longest = max([len(p) + job.get("max_new_tokens", 0) for p in job.get("prompts", [])] +
                   [len(b) for b in job.get("blocks", [])] + [64])  # fmt: skip
-    llm = _load(job["gguf"], n_ctx=longest + 8)
+    llm = _load(job["gguf"], n_ctx=longest + 8, threads=job.get("threads"))
     t_load = time.perf_counter() - t0
     tokens = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) for t in job.get("texts", [])]
     special = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=True) for t in job.get("texts", [])]
@@ -116,7 +118,7 @@ def _speed(job: dict) -> dict:
     """Prompt then `new_tokens` greedy tokens, timed apart (the bench's llama.cpp column)."""
     import numpy as np
 
-    llm = _load(job["gguf"], n_ctx=len(job["prompt"]) + job["new_tokens"] + 8)
+    llm = _load(job["gguf"], n_ctx=len(job["prompt"]) + job["new_tokens"] + 8, threads=job.get("threads"))
     llm.eval(job["prompt"][:4])  # warm-up
     llm.reset()
     t0 = time.perf_counter()
@@ -136,7 +138,7 @@ def _quantize(job: dict) -> dict:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[job["ftype"]])
-    params.nthread = max(1, os.cpu_count() or 1)
+    params.nthread = job.get("threads") or max(1, os.cpu_count() or 1)
     t0 = time.perf_counter()
     code = llama_cpp.llama_model_quantize(job["src"].encode(), job["dst"].encode(), ctypes.byref(params))
     if code != 0:

@@ -138,7 +138,7 @@ def _run(o: GGUFOptions, out: Path, scratch: Path, t0: float) -> dict:
     if not direct:
         info(f"llama.cpp quantizes {written_as} -> {o.quant} …")
         seconds_quantize = llamacpp.call({"job": "quantize", "src": str(first), "dst": str(gguf_file),
-                                          "ftype": o.quant})["seconds"]  # fmt: skip
+                                          "ftype": o.quant, "threads": torch.get_num_threads()})["seconds"]  # fmt: skip
         first.unlink()
     seconds_write = time.perf_counter() - t_write
     reference = None
@@ -261,8 +261,11 @@ def _gguf_tokenizer(folder: Path, tokenizer) -> dict:
 def _llamacpp_checks(gguf_file: Path, tokenizer, blocks, prompt_ids, stop, got: dict, quant: str) -> dict:
     chat = checks.chat_text(tokenizer)
     texts = [checks.MIXED] + ([chat] if chat else [])
+    import torch
+
     r = llamacpp.call({"job": "run", "gguf": str(gguf_file), "texts": texts, "prompts": prompt_ids,
-                       "max_new_tokens": NEW_TOKENS, "stop": stop, "blocks": blocks})  # fmt: skip
+                       "max_new_tokens": NEW_TOKENS, "stop": stop, "blocks": blocks,
+                       "threads": torch.get_num_threads()})  # fmt: skip
     want = [tokenizer(t)["input_ids"] for t in texts]
     plain_equal = r["tokens"][0] == want[0]
     chat_equal = len(texts) < 2 or r["special_tokens"][1] == want[1]

@@ -1,7 +1,7 @@
 """`devops-model export --format gguf`: export time and file size per GGUF type, and llama.cpp's decode
 speed next to transformers' on the same prompt, in one run.
 
-    .venv/bin/python bench/export_gguf.py [--new-tokens 64] [--skip-mid] [--keep DIR]
+    .venv/bin/python bench/export_gguf.py [--threads 1] [--new-tokens 64] [--train-steps 150] [--skip-mid] [--keep DIR]
 
 Models, built here (nothing is downloaded):
   tiny   the tiny-kit Qwen2 (hidden 128, 2 layers, vocab 4096) trained --train-steps on the bundled corpus
@@ -12,7 +12,7 @@ Models, built here (nothing is downloaded):
 Each is exported by the real command path (devops_cli.export.run.run, every check included) to f16,
 bf16, q8_0 and, with llama.cpp built, q4_0 and q4_k_m. Baselines measured in the same run: sizes
 against the f16 file; decode speed against transformers on the source model (float32, greedy,
-`--new-tokens` tokens after the same 64-token prompt, both on every core); llama.cpp decodes the same
+`--new-tokens` tokens after the same 64-token prompt, both on `--threads` threads); llama.cpp decodes the same
 way (one token per eval, argmax of the logits), its prompt pass timed apart. Absolute seconds are
 context: they depend on the machine and its load (one run, no repeats).
 """
@@ -53,6 +53,7 @@ def transformers_speed(model_dir: Path, prompt: list[int], new_tokens: int) -> f
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch's and llama.cpp's threads (1: the machine is shared)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-mid", action="store_true")
     ap.add_argument("--train-steps", type=int, default=150)
@@ -65,6 +66,8 @@ def main() -> None:
 
     quiet_imports()
     import torch
+
+    torch.set_num_threads(args.threads)
     cpp = llamacpp.unavailable()
     quants = [q for q in QUANTS if cpp is None or q in ("f16", "bf16", "q8_0")]
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-gguf-"))
@@ -116,7 +119,7 @@ def main() -> None:
         print(f"{r['model']:6} {r['quant']:7} {r['bytes'] / 1e6:8.2f} {r['size_vs_f16']:6.3f}x {r['bits_per_weight']:7.2f} "
               f"{r['export_seconds']:9.1f} {100 * r['ppl_increase']:+8.3f}% {cpp_tps:>16} "
               f"{r['transformers_tokens_per_second']:9.1f} {ratio:>6}")
-    print(f"\n{os.cpu_count()} CPU threads; llama.cpp: {cpp or 'llama-cpp-python ' + run._versions()['llama-cpp-python']}; "
+    print(f"\n{args.threads} thread(s) each ({os.cpu_count()} CPUs); llama.cpp: {cpp or 'llama-cpp-python ' + run._versions()['llama-cpp-python']}; "
           f"models and exports in {work}")
 
 

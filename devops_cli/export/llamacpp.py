@@ -38,7 +38,7 @@ def unavailable() -> str | None:
         return None
     note = Path(sys.prefix) / BUILD_NOTE
     if note.is_file() and note.read_text(encoding="utf-8").strip():
-        return "llama-cpp-python did not build: " + note.read_text(encoding="utf-8").strip().splitlines()[0]
+        return "llama-cpp-python did not build: " + note.read_text(encoding="utf-8").strip().split("\n", 1)[0]
     return "llama-cpp-python is not installed (make install builds it; see docs/export.md)"
 
 

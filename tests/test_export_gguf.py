@@ -347,3 +347,19 @@ def test_go_text_template_renders_the_templates_as_devops_model_does(family, tmp
                             capture_output=True, text=True, timeout=60)
         assert go.returncode == 0, go.stderr
         assert go.stdout == render(FAMILIES[family], values)
+
+
+def test_a_failed_llamacpp_build_is_named_in_one_line(tmp_path, monkeypatch, capsys):
+    """Where `make install` could not build llama-cpp-python it leaves its one-line reason beside the venv's
+    python; export (q4_k_m refused, the checks' warning) and the skipped tests say that line."""
+    import importlib.util
+    import sys
+
+    (tmp_path / llamacpp.BUILD_NOTE).write_text("CMake Error: No CMAKE_CXX_COMPILER could be found.\nmore\n")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    assert llamacpp.unavailable() == "llama-cpp-python did not build: CMake Error: No CMAKE_CXX_COMPILER could be found."
+    code = _main("export", "--model", str(tmp_path), "--format", "gguf", "--quant", "q4_k_m", "-o", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert code == 2 and "needs llama.cpp's quantizer: llama-cpp-python did not build: CMake Error" in err, err

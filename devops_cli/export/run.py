@@ -55,6 +55,9 @@ def check(o: GGUFOptions) -> None:
     if o.quant not in gguf_write.QUANTS:
         raise DevopsError(f"--quant {o.quant} is not a GGUF type devops-model writes", "--quant",
                           f"choose {' | '.join(gguf_write.QUANTS)}")  # fmt: skip
+    if gguf_write.QUANTS[o.quant] == "llama.cpp" and (why := llamacpp.unavailable()):
+        raise DevopsError(f"--quant {o.quant} needs llama.cpp's quantizer: {why}", "--quant",
+                          "use f16, bf16 or q8_0, or install llama-cpp-python (make install)")  # fmt: skip
     if not o.model and not o.adapter:
         raise DevopsError("nothing to export", "--model", "pass --model MODEL (or --adapter ADAPTER to merge first)")
     if o.adapter:
@@ -67,9 +70,6 @@ def check(o: GGUFOptions) -> None:
             src = json.loads(source.read_text(encoding="utf-8")).get("model") if source.is_file() else None
             raise DevopsError(f"'{o.model}' is a quantized (GPTQ) checkpoint", "--model",
                               f"export its unquantized source{f' ({src})' if src else ''}: GGUF quantizes on its own")  # fmt: skip
-    if gguf_write.QUANTS[o.quant] == "llama.cpp" and (why := llamacpp.unavailable()):
-        raise DevopsError(f"--quant {o.quant} needs llama.cpp's quantizer: {why}", "--quant",
-                          "use f16, bf16 or q8_0, or install llama-cpp-python (make install)")  # fmt: skip
     new_output_dir(Path(o.output), o.overwrite)
 
 

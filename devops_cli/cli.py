@@ -1,6 +1,6 @@
 """devops-model: the Typer app and main(), the one error boundary (DevopsError -> one red line per
 problem, exit 2; usage errors too; DEVOPS_MODEL_DEBUG=1 -> traceback). Each command lives in its room
-(train/ eval/ chat/ quantize/ convert/, tiny.py).
+(train/ eval/ chat/ quantize/ convert/ export/, tiny.py).
 
 Importing this module must not import torch: `devops-model --help` stays instant.
 """
@@ -18,10 +18,11 @@ from devops_cli.convert.command import convert_command
 from devops_cli.data.command import data_app
 from devops_cli.errors import DevopsError
 from devops_cli.eval.command import eval_command
+from devops_cli.export.command import export
 from devops_cli.quantize.command import quantize_command
 from devops_cli.serve.command import serve_command
 from devops_cli.tiny import tiny
-from devops_cli.train.command import dpo, export, keys, pt, sft
+from devops_cli.train.command import dpo, keys, pt, sft
 
 app = typer.Typer(
     name="devops-model",

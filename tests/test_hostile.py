@@ -128,7 +128,7 @@ CASES = {
     "tiny-layers": Case(lambda c: ["tiny", str(c["root"] / "t"), "--layers", "x"], ("devops-model tiny", "'--layers'")),
     "eval-shots-word": Case(["eval", "--shots", "five"], ("devops-model eval", "'--shots'")),
     "unknown-option": Case(["chat", "--temprature", "1"], ("No such option: --temprature", "--temperature")),
-    "missing-option": Case(["export"], ("devops-model export", "Missing option '--adapter'")),
+    "missing-option": Case(["export"], ("devops-model export", "Missing option '--output'")),
     "missing-argument": Case(["tiny"], ("devops-model tiny", "Missing argument")),
     "quantize-bits-word": Case(["quantize", "--bits", "four"], ("devops-model quantize", "'--bits'")),
     "option-without-value": Case(["eval", "--subjects"], ("devops-model", "--subjects", "requires an argument")),

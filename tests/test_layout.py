@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "devops_cli"
-ROOMS = {"train", "eval", "chat", "quantize", "convert"}
+ROOMS = {"train", "eval", "chat", "quantize", "convert", "export"}
 
 
 def modules() -> dict[str, Path]:

@@ -1,5 +1,5 @@
 """The training commands: `pt`, `sft` and `dpo` (recipe -> checks -> the machine and memory plan -> launch),
-`export` (merge a LoRA adapter) and `keys` (the recipe keys). No torch import at module level."""
+and `keys` (the recipe keys). No torch import at module level."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from devops_cli.console import console, info, warn
 from devops_cli.errors import DevopsError, DevopsErrors, collect
-from devops_cli.outputs import new_output_dir, not_an_input, staged_dir, write_file
+from devops_cli.outputs import write_file
 
 RecipeArg = Annotated[Path | None, typer.Argument(help="YAML recipe (configs/*.yaml)", show_default=False)]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. learning_rate=1e-5",
@@ -144,40 +144,6 @@ def dpo(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRunSh
         as_json: Json = False) -> None:
     """Preference alignment (DPO, IPO, hinge, KTO) on chosen/rejected answers: [bold]devops-model dpo configs/7b-dpo-lora.yaml[/]"""
     _train("dpo", recipe, overrides, dry_run, force, as_json)
-
-
-def export(
-    adapter: Annotated[Path, typer.Option("--adapter", help="LoRA adapter directory (an sft output_dir)")],
-    output: Annotated[str, typer.Option("--output", "-o", help="where the merged model goes", show_default=False)],
-    model: Annotated[str | None, typer.Option("--model", help="base model (default: the adapter's)")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="write into a non-empty output dir")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
-) -> None:
-    """Merge a LoRA adapter into its base model: full weights loadable with from_pretrained."""
-    from devops_cli.modeling import adapter_base, merge_adapter
-
-    new_output_dir(output, overwrite, inputs={"adapter": adapter, "base model": model})
-    base = model or adapter_base(adapter)
-    if model:
-        adapter_base(adapter)  # its files are checked first either way
-    not_an_input(output, {"base model": base}, "--output")  # the adapter's own base, now known
-    with staged_dir(output) as staged:  # the merged model appears whole or not at all
-        merge_adapter(adapter, staged, base, trust_remote_code)
-    console.print(f"[green]merged[/] {escape(str(adapter))} into {escape(base)} → {escape(str(output))}")
-    bits = _trained_bits(adapter)
-    if bits:
-        info(f"the adapter was trained on a {bits}-bit (QLoRA) base; it is merged onto the unquantized base weights "
-             f"({escape(base)}), so the merged model is full precision — quantize it with `devops-model quantize`")
-
-
-def _trained_bits(adapter: Path) -> int | None:
-    """quantization_bit of the run that saved this adapter (its output_dir's recipe.yaml), if any."""
-    from devops_cli.train.recipe import is_resolved, read_resolved
-
-    for folder in (adapter, adapter.parent):
-        if is_resolved(folder / "recipe.yaml"):
-            return read_resolved(folder / "recipe.yaml").get("quantization_bit")
-    return None
 
 
 def keys() -> None:

@@ -8,17 +8,19 @@ from pathlib import Path
 from rich.markup import escape
 
 from devops_cli.console import console, info
-from devops_cli.outputs import new_output_dir
+from devops_cli.outputs import new_output_dir, not_an_input, staged_dir
 
 
 def merge(adapter: Path, output: Path, model: str | None, overwrite: bool, trust_remote_code: bool) -> None:
     from devops_cli.modeling import adapter_base, merge_adapter
 
-    new_output_dir(output, overwrite)
+    new_output_dir(output, overwrite, inputs={"adapter": adapter, "base model": model})
     base = model or adapter_base(adapter)
     if model:
         adapter_base(adapter)  # its files are checked first either way
-    merge_adapter(adapter, output, base, trust_remote_code)
+    not_an_input(output, {"base model": base}, "--output")  # the adapter's own base, now known
+    with staged_dir(output) as staged:  # the merged model appears whole or not at all
+        merge_adapter(adapter, staged, base, trust_remote_code)
     console.print(f"[green]merged[/] {escape(str(adapter))} into {escape(base)} → {escape(str(output))}")
     bits = trained_bits(adapter)
     if bits:

@@ -23,7 +23,7 @@ from pathlib import Path
 from devops_cli.console import info, warn
 from devops_cli.errors import DevopsError
 from devops_cli.export import checks, gguf_write, llamacpp
-from devops_cli.outputs import new_output_dir
+from devops_cli.outputs import new_output_dir, not_an_input
 from devops_cli.sources import check_model_arg
 from devops_cli.weights import check_adapter_dir
 
@@ -70,7 +70,11 @@ def check(o: GGUFOptions) -> None:
             src = json.loads(source.read_text(encoding="utf-8")).get("model") if source.is_file() else None
             raise DevopsError(f"'{o.model}' is a quantized (GPTQ) checkpoint", "--model",
                               f"export its unquantized source{f' ({src})' if src else ''}: GGUF quantizes on its own")  # fmt: skip
-    new_output_dir(Path(o.output), o.overwrite)
+    new_output_dir(Path(o.output), o.overwrite, inputs={"model": o.model, "adapter": o.adapter})
+    if o.adapter and not o.model:
+        from devops_cli.modeling import adapter_base
+
+        not_an_input(Path(o.output), {"base model": adapter_base(Path(o.adapter))}, "--output")
 
 
 def run(o: GGUFOptions) -> dict:

@@ -217,5 +217,36 @@ def merge_adapter(adapter_dir: Path, output: Path, base: str | None = None, trus
     base = base or adapter_base(adapter_dir)
     merged = apply_adapter(load_model(base, torch.float32, trust_remote_code), adapter_dir, base)
     merged.save_pretrained(output)
-    load_tokenizer(tokenizer_source(base, adapter_dir), trust_remote_code=trust_remote_code).save_pretrained(output)
+    source = tokenizer_source(base, adapter_dir)
+    load_tokenizer(source, trust_remote_code=trust_remote_code).save_pretrained(output)
+    _check_merged_keeps_chat(source, base, Path(output), trust_remote_code)
     return output
+
+
+def _check_merged_keeps_chat(source: str, base: str, output: Path, trust_remote_code: bool) -> None:
+    """A merged model must chat as the model it came from: its saved tokenizer renders a conversation
+    exactly as the source's tokenizer (the adapter's own, else the base's) does, thinking on and off (a Qwen3 merge that lost its template or
+    its enable_thinking switch "thinks again"), and its generation_config keeps the eos ids (a model
+    that stops only at <|endoftext|> runs past the end of its turn)."""
+    from transformers import GenerationConfig
+
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    saved = load_tokenizer(str(output), trust_remote_code=trust_remote_code)
+    if getattr(tokenizer, "chat_template", None):
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
+                 {"role": "assistant", "content": "<think>\nr\n</think>\n\na1"}, {"role": "user", "content": "q2"}]
+        for thinking in (True, False):
+            a, b = (tok.apply_chat_template(probe, add_generation_prompt=True, tokenize=False, enable_thinking=thinking)
+                    for tok in (saved, tokenizer))  # fmt: skip
+            if a != b:
+                raise DevopsError(f"the merged model in {output} renders chats differently from its source "
+                                  f"(enable_thinking={thinking}): its saved chat template changed",
+                                  hint="report this with the tokenizer files of the base model and the adapter")
+    try:
+        eos = GenerationConfig.from_pretrained(resolve_model(base)).eos_token_id
+    except OSError:  # the base ships none
+        return
+    got = GenerationConfig.from_pretrained(str(output)).eos_token_id if (output / "generation_config.json").is_file() else None
+    if got != eos:
+        raise DevopsError(f"the merged model in {output} stops at eos ids {got}, its base at {eos}",
+                          hint="copy the base model's generation_config.json into it")

@@ -64,7 +64,7 @@ def test_summary_is_micro_overall_and_macro(tmp_path):
     subjects = [Subject("a", "cmmlu", "甲"), Subject("b", "ceval", "乙")]
     records = ([{"subject": "a", "correct": c} for c in (True, True, True, False)]
                + [{"subject": "b", "correct": c} for c in (False, True)])  # fmt: skip
-    r = evaluate.summarise(o, subjects, records, False, "why", ["A"], "cpu", "float32", None, "fast", {})
+    r = evaluate.summarise(o, subjects, records, False, "why", None, ["A"], "cpu", "float32", None, "fast", {})
     assert r["subjects"]["a"]["accuracy"] == 75.0 and r["subjects"]["b"]["accuracy"] == 50.0
     assert r["overall"]["accuracy_micro"] == pytest.approx(400 / 6) and r["overall"]["accuracy_macro"] == 62.5
 

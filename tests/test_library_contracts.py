@@ -58,7 +58,7 @@ def test_dynamic_cache_layers_are_what_the_scorer_expands():
     cache = DynamicCache(config=model.config)
     assert len(cache.layers) == 2, f"{TF}: DynamicCache(config=...) no longer makes one layer object per decoder layer"
     layer = cache.layers[0]
-    assert hasattr(layer, "lazy_initialization"), f"{TF}: cache layers have no lazy_initialization (scoring._expand)"
+    assert hasattr(layer, "lazy_initialization"), f"{TF}: cache layers have no lazy_initialization (eval/prefix.expand)"
     k = torch.zeros(1, 2, 3, 16)
     layer.lazy_initialization(k, k)
     layer.keys, layer.values = k.expand(4, -1, -1, -1), k.expand(4, -1, -1, -1)

@@ -94,22 +94,49 @@ def add_special(protocol: str) -> bool:
 is_chatml = has_chatml_tokens
 
 
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The chat template's own rendering, generation prompt included, with thinking off
+    (`enable_thinking=False`: Qwen3's hybrid template then ends the prompt after an empty think block,
+    where the answer starts; templates without the switch ignore it)."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
+
+
+def thinking(tokenizer) -> str | None:
+    """How the template treats thinking at the generation prompt: None (no thinking block), 'off' (a
+    hybrid template, rendered with enable_thinking=False: empty think block, answer next), or 'forced'
+    (the prompt opens a think block that the switch does not close: the first token read is the
+    start of the reasoning, not an answer)."""
+    messages = [{"role": "user", "content": "?"}]
+    off = render_chat(tokenizer, messages)
+    on = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=True)
+    tail = off[off.rfind("?"):]
+    if "<think>" in tail and "</think>" not in tail:
+        return "forced"
+    return "off" if on != off or "</think>" in tail else None
+
+
 def encode_chat(tokenizer, system: str, user: str) -> list[int]:
-    """Qwen ChatML as the devops-eval harness builds it: pieces encoded apart, then concatenated, read
-    right after `<|im_start|>assistant\\n`. Other chat templates: the tokenizer's own, rendered."""
-    if not is_chatml(tokenizer):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return list(out["input_ids"] if isinstance(out, dict) else out)
+    """The prompt as the model's chat template renders it, thinking off, read where the answer starts.
+    When the template renders Qwen ChatML, the ChatML part is encoded as the devops-eval harness does
+    (pieces encoded apart, then concatenated, up to `<|im_start|>assistant\n`), followed by whatever
+    the template adds after the assistant header (Qwen3: the empty `<think>\n\n</think>\n\n`).
+    Other templates: the tokenizer's own rendering, tokenized whole."""
+    messages = ([{"role": "system", "content": system}] if system or is_chatml(tokenizer) else []) + \
+        [{"role": "user", "content": user}]  # fmt: skip
+    text = render_chat(tokenizer, messages)
+    head = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    if not is_chatml(tokenizer) or not text.startswith(head):
+        return tokenizer.encode(text, add_special_tokens=False)
     start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
 
     def enc(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     nl = enc("\n")
+    tail = tokenizer.encode(text[len(head):], add_special_tokens=False) if len(text) > len(head) else []
     return ([start] + enc("system") + nl + enc(system) + [end] + nl
             + [start] + enc("user") + nl + enc(user) + [end] + nl
-            + [start] + enc("assistant") + nl)  # fmt: skip
+            + [start] + enc("assistant") + nl + tail)  # fmt: skip
 
 
 def option_ids(tokenizer, strings: list[str], name: str) -> list[int]:

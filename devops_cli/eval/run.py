@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from devops_cli import __version__
-from devops_cli.console import console, info
+from devops_cli.console import console, info, warn
 from devops_cli.errors import DevopsError, first_line
 from devops_cli.eval import prompts
 from devops_cli.eval.exam import LETTERS, Subject, load_hub, load_local
@@ -109,19 +109,56 @@ def load_exam(o: EvalOptions) -> list[Subject]:
 
 
 def chat_default(tokenizer, o: EvalOptions) -> tuple[bool, str]:
-    """(chat on?, why). On when the tokenizer has a chat template and the model is a chat model: its
-    name says chat/instruct, or it is an `sft` output of this tool (recipe.yaml says stage: sft)."""
+    """(chat on?, why), from the run and the tokenizer, the model's name only where it is explicit.
+    In order: --chat / --no-chat; no chat template -> off; a devops-model output (recipe.yaml) by its
+    stage (pt off, sft / dpo on); a LoRA adapter -> on (a fine-tune; --no-chat for a pt adapter); a
+    name saying Base -> off, chat / instruct -> on; else the tokenizer decides: a post-trained model's
+    eos token is the end of its template's assistant turns (Qwen3-8B, Qwen2.5-7B-Instruct:
+    <|im_end|>), a base model's is the end of a document (Qwen3-8B-Base, Qwen2.5-7B: <|endoftext|>),
+    though both ship the same template. (Qwen3 names its post-trained models `Qwen3-8B`: no
+    chat/instruct in the name.)"""
     if o.chat is not None:
         return o.chat, "--chat" if o.chat else "--no-chat"
     if not getattr(tokenizer, "chat_template", None):
         return False, "the tokenizer has no chat template"
     for source in filter(None, (o.adapter, o.model)):
-        if re.search(r"chat|instruct", Path(source).name, re.IGNORECASE):
-            return True, f"'{Path(source).name}' names a chat model"
         recipe = Path(source) / "recipe.yaml"
-        if is_resolved(recipe) and read_resolved(recipe).get("stage") == "sft":
-            return True, f"{recipe} says stage: sft"
-    return False, "base model: no chat/instruct in its name, not an sft output"
+        if is_resolved(recipe):
+            stage = read_resolved(recipe).get("stage")
+            if stage == "pt":
+                return False, f"base model: {recipe} says stage: pt (continued pretraining)"
+            if stage:
+                return True, f"{recipe} says stage: {stage}"
+    if o.adapter:
+        return True, "a LoRA adapter (a fine-tune; pass --no-chat for a pt adapter)"
+    name = Path(o.model.rstrip("/")).name
+    if re.search(r"(?<![a-z])base(?![a-z])", name, re.IGNORECASE):
+        return False, f"base model: '{name}' names a base model"
+    if re.search(r"chat|instruct", name, re.IGNORECASE):
+        return True, f"'{name}' names a chat model"
+    ends_turns = _eos_ends_assistant_turns(tokenizer)
+    if ends_turns is None:
+        return False, "base model: the chat template has no generation prompt"
+    if ends_turns:
+        return True, f"the tokenizer's eos {tokenizer.eos_token} ends the chat template's assistant turns (a post-trained model)"
+    return False, (f"base model: the tokenizer's eos {tokenizer.eos_token} does not end the chat template's assistant "
+                   "turns; not a chat/instruct name, not an sft output")  # fmt: skip
+
+
+def _eos_ends_assistant_turns(tokenizer) -> bool | None:
+    """Whether the template closes an assistant answer with the tokenizer's eos token; None when the
+    template has no generation prompt (or does not render a plain exchange)."""
+    mark = "devops-model-answer-7f3a"
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
+    try:
+        with_prompt = tokenizer.apply_chat_template(chat[:1], add_generation_prompt=True, tokenize=False)
+        without = tokenizer.apply_chat_template(chat[:1], add_generation_prompt=False, tokenize=False)
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a plain exchange is no chat template to score
+        return None
+    if with_prompt == without or mark not in text:
+        return None
+    return text[text.rindex(mark) + len(mark):].lstrip(" ").startswith(tokenizer.eos_token)
 
 
 def encode_all(tokenizer, o: EvalOptions, subjects: list[Subject], chat: bool):
@@ -197,6 +234,10 @@ def run(o: EvalOptions, where=lambda flag: flag) -> dict:
     tok_source = tokenizer_source(o.model, o.adapter)
     tokenizer = load_tokenizer(tok_source, trust_remote_code=o.trust_remote_code)
     chat, why = chat_default(tokenizer, o)
+    think = prompts.thinking(tokenizer) if chat else None
+    if think == "forced":
+        warn("the chat template opens a thinking block that enable_thinking=False does not close: the first "
+             "token scored is the start of the model's reasoning, not an answer letter; consider --no-chat")
     option_strings = prompts.option_strings(o.protocol, chat)
     opt_ids = prompts.option_ids(tokenizer, option_strings, tok_source)
     ids, keys, records = encode_all(tokenizer, o, subjects, chat)
@@ -204,7 +245,8 @@ def run(o: EvalOptions, where=lambda flag: flag) -> dict:
         check_lm_eval_split(tokenizer, ids, records, option_strings, opt_ids, tok_source)
     n = len(ids)
     info(f"[bold]eval[/] {o.model}{' + ' + o.adapter if o.adapter else ''}: {n} questions, {len(subjects)} subjects, "
-         f"{o.shots}-shot, protocol {o.protocol}, chat {'on' if chat else 'off'} ({why})")
+         f"{o.shots}-shot, protocol {o.protocol}, chat {'on' if chat else 'off'} ({why})"
+         f"{', thinking off (the answer is read after the empty think block)' if think == 'off' else ''}")
     t1 = time.perf_counter()
     model, device, dtype = load_scoring_model(o)
     t2 = time.perf_counter()
@@ -227,13 +269,13 @@ def run(o: EvalOptions, where=lambda flag: flag) -> dict:
         r["predicted"] = LETTERS[p]
         r["correct"] = r["predicted"] == r["gold"]
         r["logits"] = [round(x, 6) for x in row]
-    return summarise(o, subjects, records, chat, why, option_strings, device, dtype, batch, scorer.used,
+    return summarise(o, subjects, records, chat, why, think, option_strings, device, dtype, batch, scorer.used,
                      {"prepare_s": t1 - t0, "load_model_s": t2 - t1, "score_s": t3 - t2,
                       "total_s": time.perf_counter() - t0, "questions_per_s": n / max(t3 - t2, 1e-9),
                       "tokens_scored": sum(map(len, ids))})  # fmt: skip
 
 
-def summarise(o, subjects, records, chat, why, option_strings, device, dtype, batch, scorer, timings) -> dict:
+def summarise(o, subjects, records, chat, why, think, option_strings, device, dtype, batch, scorer, timings) -> dict:
     import torch
     import transformers
 
@@ -245,7 +287,7 @@ def summarise(o, subjects, records, chat, why, option_strings, device, dtype, ba
     n, correct = len(records), sum(r["correct"] for r in records)
     return {
         "model": o.model, "adapter": o.adapter, "protocol": o.protocol, "shots": o.shots, "chat": chat,
-        "chat_reason": why, "system": (o.system or prompts.DEVOPS_SYSTEM) if chat else None,
+        "chat_reason": why, "thinking": think, "system": (o.system or prompts.DEVOPS_SYSTEM) if chat else None,
         "options_scored": option_strings, "data": o.data_dir or "hub", "device": device, "dtype": dtype,
         "batch_size": batch or "auto", "scorer": scorer, "subjects": per,
         "overall": {"n": n, "correct": correct, "accuracy_micro": 100 * correct / n,

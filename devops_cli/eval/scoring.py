@@ -4,7 +4,8 @@ four option ids only.
 Speed without changing a prediction:
 - Prompts that share a few-shot block (every question of a subject) share their longest common
   token prefix. That prefix runs once; its KV cache is reused by every question of the group, so
-  only each question's own tokens are computed.
+  only each question's own tokens are computed. Caches with recurrent state (Qwen3.5's linear-
+  attention layers) are reused too: the prefix's conv and recurrent states, copied per row (prefix.py).
 - The per-question suffixes are sorted by length and batched with right padding. Under the causal
   mask a real token never sees a pad to its right, so padding changes no logit; logits are read at
   each row's last real token, through the output embedding rows of the four options only.
@@ -22,7 +23,9 @@ tests and the bench compare against it, and so does every run. Before the scores
 trusted, one of its questions (its shortest: the most right padding in its batch, on the shared
 prefix) is scored the plain way too. Beyond `guard.tolerance` the run
 warns, naming the transformers release, and scores every question the plain way: a fast wrong answer
-is the one outcome this module must not produce. `Scorer.used` says which path gave the numbers.
+is the one outcome this module must not produce. A cache layer of a kind prefix.py does not know,
+or any exception inside the fast path, ends the same way (warning, plain path): a speed trick that
+crashes is a defect. `Scorer.used` says which path gave the numbers.
 """
 
 from __future__ import annotations
@@ -101,24 +104,14 @@ class Scorer:
             return torch.nn.functional.linear(hidden, self.w, self.b).float()
         return self.model.get_output_embeddings()(hidden)[..., self.option_ids].float()
 
-    def _expand(self, cache_class, kv, n: int):
-        """A cache holding the prefix for n rows. The rows are stride-0 views of the one prefix: the
-        forward's own concatenation with the new tokens is then the only copy."""
-        cache = cache_class(config=self.model.config)
-        if len(cache.layers) != len(kv) or any(getattr(layer, "is_sliding", False) for layer in cache.layers):
-            return cache_class(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv],
-                               config=self.model.config)  # fmt: skip
-        for layer, (k, v) in zip(cache.layers, kv):
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
-        return cache
-
     def score(self, prompts: list[list[int]], keys: list, batch_size: int | None = None, on_progress=None,
               check: bool = True, describe=lambda i: f"question {i}") -> torch.Tensor:
         """(N, 4) logits. batch_size None = auto (batches cut to waste the least padding).
         on_progress(done) after each batch. check: the run-time self-check of every prefix group
         against the plain forward (see the module's docstring); describe(i) names question i in its
         warning."""
+        from devops_cli.eval.prefix import NotReusable
+
         self.used = "fast"
         try:
             return self._fast(prompts, keys, batch_size, on_progress, check)
@@ -126,7 +119,15 @@ class Scorer:
             i, diff, tol = failed.args
             self.used = guard.fallback("eval", "fast path", f"{describe(i)}: max |logit diff| {diff:.3g} > "
                                        f"{tol:.3g} in {self.dtype_name}", "whole-prompt forward passes")  # fmt: skip
-            return self.plain(prompts, on_progress)
+        except NotReusable as e:
+            self.used = guard.fallback("eval", "fast path", f"its prefix cache holds {e} layers, which it cannot "
+                                       "share between questions", "whole-prompt forward passes")  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - a speed trick that crashes must not end the run
+            from devops_cli.errors import first_line
+
+            self.used = guard.fallback("eval", "fast path", f"it raised {type(e).__name__}: {first_line(e)}",
+                                       "whole-prompt forward passes")  # fmt: skip
+        return self.plain(prompts, on_progress)
 
     @torch.inference_mode()
     def plain(self, prompts: list[list[int]], on_progress=None) -> torch.Tensor:
@@ -146,6 +147,8 @@ class Scorer:
     def _fast(self, prompts, keys, batch_size, on_progress, check) -> torch.Tensor:
         from transformers import DynamicCache
 
+        from devops_cli.eval import prefix as cached
+
         out = torch.empty(len(prompts), len(self.option_ids))
         pad, done = 0, 0
         with self._last_token_only() as last_only, _gqa_in_sdpa(self.device):
@@ -159,16 +162,21 @@ class Scorer:
                 # most right padding there). Its plain whole-prompt forward also fills the prefix's KV
                 # cache (causal: the first p positions' keys and values are the prefix's own), so the
                 # check costs only that question's own few tokens once more.
-                probe, kv = members[-1][0], None
+                # A cache with recurrent layers (Qwen3.5) cannot be cut back to the prefix: the prefix
+                # then runs on its own, and each batch gets its own copy of its states (prefix.py).
+                probe, kv, state = members[-1][0], None, None
                 if check:
                     with self._library_layers(last_only):
                         reference, cache = self.reference(prompts[probe], keep_cache=True)
-                    kv = _prefix_kv(cache, p, len(prompts[probe]))
+                    kv = cached.sliced_kv(cache, p, len(prompts[probe]))
                 if p and kv is None:
                     x = torch.tensor([g.prefix], device=self.device)
                     with self._full_last_layer():
                         cache = output_cache(self.decoder(input_ids=x, use_cache=True))
-                    kv = [(layer.keys, layer.values) for layer in cache.layers]
+                    if cached.is_key_value(cache):
+                        kv = [(layer.keys, layer.values) for layer in cache.layers]
+                    else:
+                        state = cache
                 for a, b in cuts:
                     batch = members[a:b]
                     n, width = len(batch), len(batch[0][1])
@@ -176,7 +184,8 @@ class Scorer:
                     for r, (_, suffix) in enumerate(batch):
                         x[r, : len(suffix)] = torch.tensor(suffix)
                     pos = torch.arange(p, p + width, device=self.device).expand(n, width)
-                    past = None if kv is None else self._expand(DynamicCache, kv, n)
+                    past = (cached.expand(DynamicCache, kv, n, self.model.config) if kv is not None
+                            else cached.replicate(state, n) if state is not None else None)  # fmt: skip
                     mask = torch.ones((n, p + width), dtype=torch.long, device=self.device)
                     last = torch.tensor([len(s) - 1 for _, s in batch], device=self.device)
                     if last_only is not None:
@@ -254,15 +263,6 @@ class Scorer:
             yield
         finally:
             self.decoder.layers[-1] = wrapper
-
-
-def _prefix_kv(cache, p: int, n: int):
-    """The first p positions of every layer of a cache filled by an n-token forward, or None when p is
-    0 or a layer did not keep all n (a sliding window)."""
-    kv = [(layer.keys, layer.values) for layer in cache.layers]
-    if not p or any(k is None or k.shape[-2] != n for k, _ in kv):
-        return None
-    return [(k[:, :, :p], v[:, :, :p]) for k, v in kv]
 
 
 class SelfCheckFailed(Exception):

@@ -34,6 +34,8 @@ def table(r: dict):
     if b["weights_on_disk_before"]:
         t.add_row("weights on disk", mb(b["weights_on_disk_before"]), mb(b["weights_on_disk_after"]),
                   f"{b['weights_on_disk_after'] / b['weights_on_disk_before']:.3f}x")
+    d = r["decoder_weights"]
+    t.add_row("decoder weights quantized", "", f"{100 * d['fraction_quantized']:.1f} %", "")
     t.add_row("perplexity", f"{p['before']:.4f}", f"{p['after']:.4f}", f"{100 * p['increase']:+.2f} %")
     t.caption = (f"perplexity on {p['held_out_tokens']} held-out tokens of the calibration source; seconds: "
                  f"quantize {s['quantize']:.1f} ({s['per_block']:.2f} per block), verify {s['verify']:.1f}, "

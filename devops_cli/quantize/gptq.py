@@ -11,6 +11,63 @@ from pathlib import Path
 from devops_cli.console import info
 from devops_cli.errors import DevopsError
 
+# Below this share of the decoder's weights in the linears GPTQ quantizes, the command refuses: an
+# "int4" checkpoint that is mostly fp16 is what users cannot tell from its name (a dense model: 99.9%+)
+MIN_QUANTIZED_FRACTION = 0.9
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+ATTENTION_KINDS = {"full_attention", "sliding_attention", "chunked_attention"}
+MOE_HINT = ("keep it in bf16 (eval, chat and serve run it as is), or quantize it with GPTQModel itself "
+            "(GPTQModel.load + quantize) and serve that with vLLM: `devops-model serve --engine vllm`")
+
+
+def unsupported(config: dict) -> tuple[str, str] | None:
+    """(why, what to do) when this GPTQ path cannot quantize a model of this config.json, before any
+    weight loads; None when it can. Read from the config, not the model's name:
+    - mixture-of-experts (Qwen3-MoE, Qwen3.5-MoE): transformers 5 stores the experts fused as 3-D
+      parameters, which optimum's GPTQ does not see (it quantized the attention linears only: 14% of
+      the tiny Qwen3-MoE's decoder, ~2% of Qwen3-30B-A3B's). gptqmodel 7.6 can unfuse and quantize them
+      (defuser), but transformers 5.24 loads such a per-expert checkpoint with the experts left at their
+      random initialisation, no error (measured) - eval, chat and serve would run a broken model.
+    - decoder layers of several kinds (Qwen3.5: `layer_types` linear_attention + full_attention):
+      optimum quantizes one list of linears in every block, and transformers 5.24 cannot load
+      gptqmodel's Qwen3.5 checkpoints (a size mismatch at load, measured)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    experts = next((text[k] for k in MOE_KEYS if isinstance(text.get(k), int) and text[k] > 0), None)
+    if experts:
+        return (f"{text.get('model_type') or 'this model'} is a mixture-of-experts model ({experts} "
+                "experts per layer, stored fused in transformers 5): GPTQ here would quantize its attention "
+                "only, and a per-expert GPTQ checkpoint loads in transformers 5.24 with random experts", MOE_HINT)
+    kinds = sorted(set(text.get("layer_types") or []))
+    if len(kinds) > 1 and not set(kinds) <= ATTENTION_KINDS:  # sliding/full attention layers: the same linears
+        return (f"{text.get('model_type') or 'this model'} mixes decoder layers of kinds "
+                f"{', '.join(kinds)}: GPTQ here quantizes the same linears in every layer, and transformers 5.24 "
+                "cannot load gptqmodel's checkpoints of it", MOE_HINT.replace("serve that", "run that"))
+    return None
+
+
+def coverage(model, block_name: str, groups: list[list[str]]) -> tuple[int, int]:
+    """(weights in the linears to quantize, weights of the whole decoder stack), refusing the layouts
+    GPTQ here cannot do: a block without the first block's linears, fused 3-D weights (experts), and a
+    quantized share below MIN_QUANTIZED_FRACTION - all before any GPTQ work starts."""
+    blocks = model.get_submodule(block_name)
+    names = [n for g in groups for n in g]
+    total = quantized = 0
+    for i, block in enumerate(blocks):
+        own = dict(block.named_modules())
+        missing = [n for n in names if n not in own]
+        if missing:
+            raise DevopsError(f"{block_name}.{i} has no {', '.join(missing)} (its layers differ from the "
+                              f"first's), so GPTQ here cannot quantize this {type(model).__name__}", hint=MOE_HINT)
+        quantized += sum(own[n].weight.numel() for n in names)
+        total += sum(p.numel() for p in block.parameters())
+    fused = [n for n, p in blocks[0].named_parameters() if p.dim() > 2]
+    if fused or quantized < MIN_QUANTIZED_FRACTION * total:
+        why = f" ({', '.join(fused)}: fused 3-D weights, no nn.Linear)" if fused else ""
+        raise DevopsError(f"only {100 * quantized / total:.1f}% of the decoder's weights are in linears "
+                          f"GPTQ can quantize{why}; the rest would stay {str(next(model.parameters()).dtype)[6:]}",
+                          hint=MOE_HINT)
+    return quantized, total
+
 
 def find_blocks(model, probe_ids: list[int], device) -> tuple[str, list[list[str]]]:
     """The transformer blocks (the largest ModuleList of same-class modules holding Linear layers) and

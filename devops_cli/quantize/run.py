@@ -88,6 +88,7 @@ def check(o: QuantizeOptions, where=lambda flag: flag) -> None:
         check_adapter_dir(src, where("--model"))
     elif (src / "config.json").is_file():
         check_model_dir(src, where("--model"), tokenizer=True)
+    _check_architecture(src, where("--model"))
     new_output_dir(out, o.overwrite, where("--output"), inputs=inputs(o))
 
 
@@ -102,6 +103,19 @@ def inputs(o: QuantizeOptions) -> list[tuple[str, str | None]]:
     if o.calib and o.calib != "bundled":
         found.append(("calibration file", o.calib) if Path(o.calib).exists() else ("--dataset-dir", o.dataset_dir))
     return found
+
+
+def _check_architecture(src: Path, where: str) -> None:
+    """Refuse, from config.json (the adapter's base's for an adapter), a model GPTQ here cannot quantize."""
+    config = src / "config.json"
+    if (src / "adapter_config.json").is_file():
+        base = json.loads((src / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        config = Path(base or "") / "config.json"
+    if not config.is_file():
+        return  # a hub id: checked once the model has loaded (gptq.coverage)
+    refusal = gptq.unsupported(json.loads(config.read_text(encoding="utf-8")))
+    if refusal:
+        raise DevopsError(refusal[0], where, refusal[1])
 
 
 def run(o: QuantizeOptions, where=lambda flag: flag) -> dict:
@@ -152,6 +166,7 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
     model = load_model(model_path, dtype, o.trust_remote_code).to(device).eval()
     block_name, groups = gptq.find_blocks(model, blocks.calib[0][:16], device)
     n_blocks = len(model.get_submodule(block_name))
+    quantized_params, decoder_params = gptq.coverage(model, block_name, groups)
     linear_names = [f"{block_name}.{i}.{name}" for i in range(n_blocks) for group in groups for name in group]
     fp16_linear = sum(_fp16_bytes(model.get_submodule(n)) for n in linear_names)
     fp16_model = sum(p.numel() for p in model.parameters()) * 2
@@ -185,6 +200,8 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
         "calibration": {"source": source.name, "samples": len(blocks.calib), "seq_len": o.calib_seq_len,
                         "tokens_read": blocks.tokens_read},
         "block_name": block_name, "blocks": n_blocks, "linear_groups": groups, "quantized_linears": len(linear_names),
+        "decoder_weights": {"quantized": quantized_params, "total": decoder_params,
+                            "fraction_quantized": quantized_params / decoder_params},
         "perplexity": {"before": ppl_before, "after": ppl_after, "increase": ppl_after / ppl_before - 1,
                        "held_out_blocks": len(blocks.held), "held_out_tokens": len(blocks.held) * o.calib_seq_len},
         "bytes": {"linear_fp16": fp16_linear, "linear_quantized": linear_after,

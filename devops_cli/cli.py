@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from devops_cli import lifeline
 from devops_cli.chat.command import chat
 from devops_cli.console import fail, fail_all, quiet_imports
 from devops_cli.convert.command import convert_command
@@ -81,6 +82,7 @@ def usage_line(e) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     quiet_imports()
+    lifeline.forget()
     try:
         code = app(args=argv, prog_name="devops-model", standalone_mode=False)
     except _click_classes("Exit") as e:
@@ -96,11 +98,23 @@ def main(argv: list[str] | None = None) -> None:
     except DevopsError as e:
         if os.environ.get("DEVOPS_MODEL_DEBUG"):
             raise
-        fail_all(e)
-        code = e.exit_code
+        if lifeline.stopped_by():  # raised while it was stopping: the stop is the story
+            fail(lifeline.stop_line(lifeline.stopped_by()))
+            code = lifeline.EXIT[lifeline.stopped_by()]
+        else:
+            fail_all(e)
+            code = e.exit_code
     except KeyboardInterrupt:
-        fail("interrupted")
-        code = 130
+        signum = lifeline.stopped_by()
+        fail(lifeline.stop_line(signum) if signum else "interrupted")
+        code = lifeline.EXIT.get(signum, 130)
+    except Exception:
+        signum = lifeline.stopped_by()
+        if signum is None or os.environ.get("DEVOPS_MODEL_DEBUG"):
+            raise
+        # a library's cleanup replaced the KeyboardInterrupt of a stop signal with its own exception
+        fail(lifeline.stop_line(signum))
+        code = lifeline.EXIT[signum]
     # only as the process itself (console script, python -m): a caller passing argv keeps running
     if argv is None and not code and sys.argv[1:2] and sys.argv[1] in _NO_TEARDOWN and "torch" in sys.modules:
         import atexit

@@ -24,7 +24,14 @@ Force = Annotated[bool, typer.Option("--force", help="launch even when the memor
 
 
 def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool, force: bool) -> None:
-    from devops_cli.train import checks, launch, machine, recipe
+    from devops_cli import lifeline
+
+    with lifeline.on_stop_signals():  # SIGTERM / Ctrl-C: 143 / 130 at any phase; forked children die with it
+        _train_here(stage, recipe_path, overrides, dry_run, force)
+
+
+def _train_here(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool, force: bool) -> None:
+    from devops_cli.train import checks, launch, machine, network, recipe
 
     overrides = list(overrides or []) + (["force=true"] if force else [])
     if recipe_path is not None and "=" in str(recipe_path) and not recipe_path.exists():
@@ -45,6 +52,10 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
     argv = launch.worker_argv(plan, out / "recipe.yaml")
     # what this machine cannot run (precision, workers, the model's availability, DeepSpeed's needs, memory)
     trouble, memory = machine.problems(r, plan, machine.read_deepspeed(r))
+    if plan.nnodes > 1:  # the interface gloo and NCCL use to reach the other nodes (unless the user set them)
+        plan.network = collect(trouble, network.choose, plan.master_addr)
+        for w in plan.network.warnings if plan.network else []:
+            warn(w)
     if dry_run:
         console.print(recipe.dump(r), markup=False, end="")
         console.print(f"# launch: {plan.describe()}", markup=False, soft_wrap=True)
@@ -78,8 +89,8 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
             info(escape(memory.line()))
         if resume is not None:
             info(f"resuming from {escape(str(resume))}")
-        launch.env_for_workers()
-        code = launch.run_here(plan, out / "recipe.yaml") if launch.in_process(plan) else launch.run(argv, out / "logs")
+        launch.env_for_workers(plan)
+        code = launch.run_here(plan, out / "recipe.yaml") if launch.in_process(plan) else launch.run(argv, out / "logs", plan)
     if code == 0 and plan.node_rank == 0:
         _summary(out)
     if code:

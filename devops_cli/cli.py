@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     except _click_classes("Exit") as e:
         code = e.exit_code
     except _click_classes("Abort"):
-        fail("aborted")
-        code = 130
+        code = lifeline.report() if lifeline.stopped_by() else 130
+        if not lifeline.stopped_by():
+            fail("aborted")
     except _click_classes("ClickException") as e:
         if os.environ.get("DEVOPS_MODEL_DEBUG"):
             raise
@@ -99,22 +100,22 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("DEVOPS_MODEL_DEBUG"):
             raise
         if lifeline.stopped_by():  # raised while it was stopping: the stop is the story
-            fail(lifeline.stop_line(lifeline.stopped_by()))
-            code = lifeline.EXIT[lifeline.stopped_by()]
+            code = lifeline.report()
         else:
             fail_all(e)
             code = e.exit_code
     except KeyboardInterrupt:
-        signum = lifeline.stopped_by()
-        fail(lifeline.stop_line(signum) if signum else "interrupted")
-        code = lifeline.EXIT.get(signum, 130)
+        if lifeline.stopped_by():
+            code = lifeline.report()
+        else:
+            fail("interrupted")
+            code = 130
     except Exception:
-        signum = lifeline.stopped_by()
-        if signum is None or os.environ.get("DEVOPS_MODEL_DEBUG"):
+        if lifeline.stopped_by() is None or os.environ.get("DEVOPS_MODEL_DEBUG"):
             raise
-        # a library's cleanup replaced the KeyboardInterrupt of a stop signal with its own exception
-        fail(lifeline.stop_line(signum))
-        code = lifeline.EXIT[signum]
+        code = lifeline.report()  # a library's cleanup replaced the stop's KeyboardInterrupt with its own exception
+    if code and lifeline.stopped_by():  # typer turns a KeyboardInterrupt into a silent 130
+        code = lifeline.report()
     # only as the process itself (console script, python -m): a caller passing argv keeps running
     if argv is None and not code and sys.argv[1:2] and sys.argv[1] in _NO_TEARDOWN and "torch" in sys.modules:
         import atexit

@@ -13,7 +13,8 @@ of it left behind (a temporary folder) is recognised as such.
   SIGINT ignored (Ctrl-C at a terminal reaches the whole process group; the parent decides). The
   datasets tokenizer pool (`preprocessing_num_workers`), its manager process and DataLoader workers are
   forked this way.
-- Leftovers: `stale(folder, prefix)` lists temporary folders `PREFIX<pid>` whose process is gone.
+- Leftovers: temporary folders are named `PREFIX<host>-<pid>` (`tag()`); `stale(folder, prefix)` lists
+  those of this machine whose process is gone.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ GRACE = 10.0  # seconds a stopping command has to unwind before it is ended anyw
 EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 _stopped: list[int] = []
+_reported: list[int] = []
 _libc = None
 _armed = False
 
@@ -43,6 +45,18 @@ def stopped_by() -> int | None:
 def forget() -> None:
     """A new command (main() may run several in one process: tests) starts with no stop recorded."""
     _stopped.clear()
+    _reported.clear()
+
+
+def report(signum: int | None = None) -> int:
+    """Print the stop's one line (once, whoever asks first) and return its exit code (143, 130)."""
+    signum = signum or stopped_by() or signal.SIGINT
+    if not _reported:
+        from devops_cli.console import fail
+
+        _reported.append(signum)
+        fail(stop_line(signum))
+    return EXIT.get(signum, 128 + signum)
 
 
 def stop_line(signum: int) -> str:
@@ -72,7 +86,8 @@ def _watch(read_fd: int, grace: float) -> None:
     from devops_cli.console import fail
 
     try:
-        fail(f"{stop_line(signum)}; it did not wind down within {grace:.0f} s, so it ends now")
+        if not _reported:
+            fail(f"{stop_line(signum)}; it did not wind down within {grace:.0f} s, so it ends now")
     finally:
         os._exit(EXIT.get(signum, 128 + signum))
 
@@ -203,17 +218,29 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def tag() -> str:
+    """HOST-PID, the suffix of a temporary folder: `stale` can tell whose it is on a shared disk."""
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def stale(folder: Path, prefix: str) -> list[Path]:
-    """Entries `folder/PREFIX<pid>` whose process no longer runs on this machine (a run killed -9 or by
-    a power cut could not remove them itself)."""
+    """Entries `folder/PREFIX<host>-<pid>` (or `PREFIX<pid>`, older) made on this machine by a process
+    that no longer runs (a run killed -9 or by a power cut could not remove them itself). Those of
+    other machines (a shared disk) and of live processes stay."""
+    import socket
+
     try:
         entries = list(folder.iterdir())
     except OSError:
         return []
+    here = socket.gethostname()
     out = []
     for p in entries:
-        if p.name.startswith(prefix) and p.name[len(prefix):].isdigit():
-            pid = int(p.name[len(prefix):])
-            if pid != os.getpid() and not pid_alive(pid):
-                out.append(p)
+        if not p.name.startswith(prefix):
+            continue
+        host, _, pid = p.name[len(prefix):].rpartition("-")
+        if pid.isdigit() and host in ("", here) and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            out.append(p)
     return sorted(out)

@@ -168,10 +168,13 @@ def run(argv: list[str], log_dir: Path, launch: Launch | None = None) -> int:
         if not said:
             fail(f"rank {rank} (local rank {failure.local_rank}) exited with code {code}; its log: {log}")
         return code
-    except (SignalException, KeyboardInterrupt) as e:
-        sig = getattr(e, "sigval", signal.SIGINT)
-        fail(f"stopped by {signal.Signals(sig).name}; every worker was stopped")
-        return 128 + int(sig)
+    except SignalException as e:  # torchrun's handlers, once its workers run
+        fail(f"stopped by {signal.Signals(e.sigval).name}; every worker was stopped")
+        return 128 + int(e.sigval)
+    except KeyboardInterrupt:  # the command's own (lifeline), before torchrun took over
+        from devops_cli import lifeline
+
+        return lifeline.report()
     except DistError as e:  # the rendezvous of the nodes' agents, before any worker started
         fail(rendezvous_failure(e, launch))
         return 2
@@ -237,17 +240,12 @@ def run_here(launch: Launch, recipe_path: Path) -> int:
     Ctrl-C and SIGTERM stop it as they stop a torchrun job (130, 143; the command's lifeline handlers
     turn them into KeyboardInterrupt); kill -9 leaves nothing behind (its forked children die with it)."""
     from devops_cli import lifeline
-    from devops_cli.console import fail
     from devops_cli.train import worker
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
                       MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
     code = worker.main([str(recipe_path)])
-    if code == 130:
-        sig = lifeline.stopped_by() or signal.SIGINT
-        fail(lifeline.stop_line(sig))
-        return lifeline.EXIT[sig]
-    return code
+    return lifeline.report() if code == 130 else code
 
 
 def process_started() -> float:

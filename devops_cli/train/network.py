@@ -102,6 +102,7 @@ def choose(master_addr: str, env=os.environ) -> Network:
     if ipaddress.ip_address(address.split("%")[0]).is_loopback:
         net.warnings.append(f"master_addr {master_addr} is a loopback address: only nodes on this same machine "
                             "can reach it (give node 0's network address to run across machines)")
+        return net  # every node on this machine: a loopback hostname is no trap then
     host, loopback = hostname_loopback()
     if loopback:
         if net.sources.get("GLOO_SOCKET_IFNAME") == "env":

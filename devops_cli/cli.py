@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from devops_cli import lifeline
 from devops_cli.chat.command import chat
 from devops_cli.console import fail, fail_all, quiet_imports
 from devops_cli.convert.command import convert_command
@@ -84,13 +85,15 @@ def usage_line(e) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     quiet_imports()
+    lifeline.forget()
     try:
         code = app(args=argv, prog_name="devops-model", standalone_mode=False)
     except _click_classes("Exit") as e:
         code = e.exit_code
     except _click_classes("Abort"):
-        fail("aborted")
-        code = 130
+        code = lifeline.report() if lifeline.stopped_by() else 130
+        if not lifeline.stopped_by():
+            fail("aborted")
     except _click_classes("ClickException") as e:
         if os.environ.get("DEVOPS_MODEL_DEBUG"):
             raise
@@ -99,11 +102,23 @@ def main(argv: list[str] | None = None) -> None:
     except DevopsError as e:
         if os.environ.get("DEVOPS_MODEL_DEBUG"):
             raise
-        fail_all(e)
-        code = e.exit_code
+        if lifeline.stopped_by():  # raised while it was stopping: the stop is the story
+            code = lifeline.report()
+        else:
+            fail_all(e)
+            code = e.exit_code
     except KeyboardInterrupt:
-        fail("interrupted")
-        code = 130
+        if lifeline.stopped_by():
+            code = lifeline.report()
+        else:
+            fail("interrupted")
+            code = 130
+    except Exception:
+        if lifeline.stopped_by() is None or os.environ.get("DEVOPS_MODEL_DEBUG"):
+            raise
+        code = lifeline.report()  # a library's cleanup replaced the stop's KeyboardInterrupt with its own exception
+    if code and lifeline.stopped_by():  # typer turns a KeyboardInterrupt into a silent 130
+        code = lifeline.report()
     # only as the process itself (console script, python -m): a caller passing argv keeps running
     if argv is None and not code and sys.argv[1:2] and sys.argv[1] in _NO_TEARDOWN and "torch" in sys.modules:
         import atexit

@@ -29,6 +29,7 @@ def convert_command(
     """
     import math
 
+    from devops_cli import lifeline
     from devops_cli.convert.qwen_v1 import convert
     from devops_cli.errors import DevopsError
 
@@ -40,7 +41,8 @@ def convert_command(
     def progress(done: int, total: int, name: str) -> None:
         console.print(f"  [dim]{done}/{total}[/] {escape(name)}")
 
-    out = convert(model, output, overwrite=overwrite, max_shard_bytes=int(max_shard_size * 1024**3), progress=progress)
+    with lifeline.on_stop_signals():  # SIGTERM / Ctrl-C: 143 / 130 with one line, the temporary folder removed
+        out = convert(model, output, overwrite=overwrite, max_shard_bytes=int(max_shard_size * 1024**3), progress=progress)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
     console.print(f"[green]converted[/] {escape(str(model))} → {escape(str(out))} "
                   f"(Qwen2ForCausalLM, {size:.2f} GB, {time.perf_counter() - start:.0f} s)")

@@ -13,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import struct
 from pathlib import Path
 
+from devops_cli import lifeline
+from devops_cli.console import info
 from devops_cli.convert.tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
 from devops_cli.errors import DevopsError, first_line
 from devops_cli.outputs import check_name, disk_full, new_output_dir, replace_dir
@@ -312,8 +313,12 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, max_shard
         raise DevopsError(f"{src / 'config.json'}: vocab_size {config['vocab_size']} is below the tokenizer's "
                           f"{SPECIAL_START + len(SPECIALS)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{lifeline.tag()}"
+    for old in [*lifeline.stale(out.parent, f".{out.name}.tmp-"), tmp]:  # a run killed -9 could not remove its own
+        if old.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            if old != tmp:
+                info(f"removed {old.name}: the temporary folder of an interrupted convert (its process is gone)")
     tmp.mkdir()
     try:
         config["dtype"] = convert_weights(src, tmp, config, max_shard_bytes, progress)

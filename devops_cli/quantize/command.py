@@ -10,10 +10,12 @@ from devops_cli.quantize.run import QuantizeOptions
 def quantize(options: QuantizeOptions, where) -> None:
     from rich.markup import escape
 
+    from devops_cli import lifeline
     from devops_cli.console import console
     from devops_cli.quantize import run
 
-    report = run.run(options, where)
+    with lifeline.on_stop_signals():  # SIGTERM / Ctrl-C: 143 / 130 with one line, the scratch folder removed
+        report = run.run(options, where)
     console.print(table(report))
     console.print(f"[green]done[/]: {escape(report['output'])} (quantize.json holds these figures)")
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from devops_cli import lifeline
 from devops_cli.console import import_gptq_quietly, info, warn
 from devops_cli.errors import DevopsError
 from devops_cli.options import opt
@@ -124,7 +125,10 @@ def run(o: QuantizeOptions, where=lambda flag: flag) -> dict:
     source = open_source(o.calib, o.calib_field, o.dataset_dir, where("--calib"))  # file checks, no torch
     out = Path(o.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = out.parent / f".{out.name}.quantize-{os.getpid()}"  # beside the output: the rename stays on one disk
+    scratch = out.parent / f".{out.name}.quantize-{lifeline.tag()}"  # beside the output: the rename stays on one disk
+    for old in lifeline.stale(out.parent, f".{out.name}.quantize-"):  # a run killed -9 could not remove its own
+        shutil.rmtree(old, ignore_errors=True)
+        info(f"removed {old.name}: the scratch folder of an interrupted quantize (its process is gone)")
     t_start = time.perf_counter()
     try:
         return _run(o, source, out, scratch, t_start)

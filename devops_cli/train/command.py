@@ -29,7 +29,15 @@ Json = Annotated[bool, typer.Option("--json", help="with --dry-run: all of it as
 
 def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool, force: bool,
            as_json: bool = False) -> None:
-    from devops_cli.train import checks, launch, machine, recipe
+    from devops_cli import lifeline
+
+    with lifeline.on_stop_signals():  # SIGTERM / Ctrl-C: 143 / 130 at any phase; forked children die with it
+        _train_here(stage, recipe_path, overrides, dry_run, force, as_json)
+
+
+def _train_here(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool, force: bool,
+                as_json: bool) -> None:
+    from devops_cli.train import checks, launch, machine, network, recipe
 
     if as_json and not dry_run:
         raise DevopsError("--json goes with --dry-run", "--json", f"devops-model {stage} RECIPE --dry-run --json")
@@ -52,6 +60,10 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
     argv = launch.worker_argv(plan, out / "recipe.yaml")
     # what this machine cannot run (precision, workers, the model's availability, DeepSpeed's needs, memory)
     trouble, memory = machine.problems(r, plan, machine.read_deepspeed(r))
+    if plan.nnodes > 1:  # the interface gloo and NCCL use to reach the other nodes (unless the user set them)
+        plan.network = collect(trouble, network.choose, plan.master_addr)
+        for w in plan.network.warnings if plan.network else []:
+            warn(w)
     if dry_run and as_json:
         _dry_run_json(r, plan, argv, memory, trouble, warnings)
         return
@@ -92,8 +104,8 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
             info(escape(memory.line()))
         if resume is not None:
             info(f"resuming from {escape(str(resume))}")
-        launch.env_for_workers()
-        code = launch.run_here(plan, out / "recipe.yaml") if launch.in_process(plan) else launch.run(argv, out / "logs")
+        launch.env_for_workers(plan)
+        code = launch.run_here(plan, out / "recipe.yaml") if launch.in_process(plan) else launch.run(argv, out / "logs", plan)
     if code == 0 and plan.node_rank == 0:
         _summary(out)
     if code:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from devops_cli.errors import DevopsError
 from devops_cli.train.machine import visible_gpus
+from devops_cli.train.network import Network
 from devops_cli.train.recipe import Recipe
 
 
@@ -29,12 +30,19 @@ class Launch:
     master_addr: str
     master_port: int
     sources: dict[str, str] = field(default_factory=dict)  # value -> where it came from
+    rdzv_timeout: int = 300  # seconds a node waits for the others at start-up (recipe key rdzv_timeout)
+    network: Network | None = None  # several nodes: the interface the workers use (network.choose)
 
     def describe(self) -> str:
         s = self.sources
-        return (f"{self.nnodes} node(s) [{s['nnodes']}], this is node {self.node_rank} [{s['node_rank']}], "
+        text = (f"{self.nnodes} node(s) [{s['nnodes']}], this is node {self.node_rank} [{s['node_rank']}], "
                 f"{self.nproc_per_node} worker(s) per node [{s['nproc_per_node']}], "
                 f"master {self.master_addr}:{self.master_port} [{s['master_addr']}, {s['master_port']}]")
+        if self.nnodes > 1:
+            text += f", the other nodes awaited {self.rdzv_timeout} s (rdzv_timeout)"
+            if self.network is not None:
+                text += f"; {self.network.describe()}"
+        return text
 
 
 def free_port() -> int:
@@ -86,7 +94,7 @@ def plan(r: Recipe, env=os.environ) -> Launch:
     if not 0 <= node_rank < nnodes:
         raise DevopsError(f"node rank {node_rank} [{src['node_rank']}] is not below nnodes {nnodes} [{src['nnodes']}]",
                           hint="set node_rank=0..nnodes-1 on each node")
-    return Launch(nproc, nnodes, node_rank, str(master_addr), int(port), src)
+    return Launch(nproc, nnodes, node_rank, str(master_addr), int(port), src, r.rdzv_timeout)
 
 
 def torchrun_argv(launch: Launch, recipe_path: Path) -> list[str]:
@@ -98,6 +106,7 @@ def torchrun_argv(launch: Launch, recipe_path: Path) -> list[str]:
         "--master-addr", launch.master_addr,
         "--master-port", str(launch.master_port),
         "--monitor-interval", "1",
+        "--rdzv-conf", f"timeout={launch.rdzv_timeout}",  # node 0 waits this long for the others, they for it
         "-m", "devops_cli.train.worker", str(recipe_path),
     ]  # fmt: skip
 
@@ -119,14 +128,17 @@ def display(argv: list[str]) -> str:
     return shlex.join(argv)
 
 
-def run(argv: list[str], log_dir: Path) -> int:
+def run(argv: list[str], log_dir: Path, launch: Launch | None = None) -> int:
     """Run torchrun (the real one: torch.distributed.run) in this process; return the exit code.
 
     A worker that dies (even kill -9) ends the job within seconds: torchrun's agent notices, stops the
-    other workers, and we name the rank and its log instead of printing torchrun's traceback.
+    other workers, and we name the rank and its log instead of printing torchrun's traceback. A node
+    that cannot meet the others within rdzv_timeout says which address it waited on.
     """
     import logging
 
+    quiet_agent_logs()
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args
@@ -141,50 +153,99 @@ def run(argv: list[str], log_dir: Path) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
+        log = log_dir / f"rank{rank}.log"
         if code < 0:
             try:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = f"signal {-code}"
-            fail(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) was killed by {name}; "
-                 f"its log: {log_dir / f'rank{rank}.log'}")
+            fail(f"rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) was killed by {name}; its log: {log}")
             return 128 - code
-        if code not in (2, 3):  # 2: a DevopsError, 3: diverged; the worker already printed its one line
-            fail(f"rank {rank} (local rank {failure.local_rank}) exited with code {code}; "
-                 f"its log: {log_dir / f'rank{rank}.log'}")
+        said = worker_said(log)
+        if said and rank != 0:  # its one line went to its log only (rank 0's reached this terminal)
+            for line in said:
+                fail(line)
+        if not said and code not in (2, 3):  # 2: a DevopsError, 3: diverged (their line is in the log)
+            fail(f"rank {rank} (local rank {failure.local_rank}) exited with code {code}; its log: {log}")
         return code
-    except (SignalException, KeyboardInterrupt) as e:
-        sig = getattr(e, "sigval", signal.SIGINT)
-        fail(f"stopped by {signal.Signals(sig).name}; every worker was stopped")
-        return 128 + int(sig)
+    except SignalException as e:  # torchrun's handlers, once its workers run
+        fail(f"stopped by {signal.Signals(e.sigval).name}; every worker was stopped")
+        return 128 + int(e.sigval)
+    except KeyboardInterrupt:  # the command's own (lifeline), before torchrun took over
+        from devops_cli import lifeline
+
+        return lifeline.report()
+    except DistError as e:  # the rendezvous of the nodes' agents, before any worker started
+        fail(rendezvous_failure(e, launch))
+        return 2
     return 0
+
+
+def quiet_agent_logs() -> None:
+    """torch's C++ log lines (a rendezvous retry prints one with 20 stack frames, a peer's address that
+    does not reverse-resolve another) stay out of this process's output: its failures get one line of
+    ours. Read once, when torch loads; the workers keep the user's setting (the variable is restored)."""
+    import sys
+
+    if "torch" in sys.modules or "TORCH_CPP_LOG_LEVEL" in os.environ or os.environ.get("DEVOPS_MODEL_DEBUG"):
+        return
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    try:
+        import torch  # noqa: F401
+    finally:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+
+
+def worker_said(log: Path) -> list[str]:
+    """The one-line reasons a worker gave for failing (its log's last `error: [rank N] ...` lines)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 16384))
+            tail = f.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()
+    except OSError:
+        return []
+    lines = [t.strip() for t in tail if t.strip()]
+    said = []
+    while lines and lines[-1].startswith("error: [rank "):
+        said.insert(0, lines.pop().removeprefix("error: "))
+    return said
+
+
+def rendezvous_failure(e: Exception, launch: Launch | None) -> str:
+    """One line for a rendezvous that did not complete: who waited, on which address, for whom."""
+    import re
+
+    from devops_cli.errors import first_line
+
+    text = first_line(e)
+    if launch is None:
+        return f"the rendezvous of the nodes failed: {text}"
+    at, t, n = f"{launch.master_addr}:{launch.master_port}", launch.rdzv_timeout, launch.nnodes
+    joined = re.search(r"(\d+)/(\d+) clients joined", text)
+    if launch.node_rank == 0 and joined:
+        missing = n - int(joined.group(1))
+        return (f"node 0 waited {t} s (rdzv_timeout) on {at} for the other nodes: {joined.group(1)} of {n} came, "
+                f"{missing} never connected — start devops-model on every node with nnodes={n} "
+                f"master_addr={launch.master_addr} master_port={launch.master_port}, and check that they reach {at}")
+    if launch.node_rank != 0 and ("timed out" in text or "connect" in text):
+        return (f"node {launch.node_rank} could not reach node 0 at {at} within {t} s (rdzv_timeout) — start node 0 "
+                f"too, and check that {launch.master_addr} is its address and port {launch.master_port} is open "
+                f"to this node ({text})")
+    return f"node {launch.node_rank}: the rendezvous at {at} failed within {t} s (rdzv_timeout): {text}"
 
 
 def run_here(launch: Launch, recipe_path: Path) -> int:
     """Run the one worker in this process, with the environment torchrun would give it (a process group
     of one, as under torchrun, so DeepSpeed and the Trainer take the same path); return its exit code.
-    Ctrl-C and SIGTERM stop it as they stop a torchrun job (130, 143); kill -9 leaves nothing behind."""
-    from devops_cli.console import fail
+    Ctrl-C and SIGTERM stop it as they stop a torchrun job (130, 143; the command's lifeline handlers
+    turn them into KeyboardInterrupt); kill -9 leaves nothing behind (its forked children die with it)."""
+    from devops_cli import lifeline
     from devops_cli.train import worker
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
                       MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
-    stopped_by: list[int] = []
-
-    def stop(signum, frame):
-        stopped_by.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        code = worker.main([str(recipe_path)])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    if code == 130:
-        sig = stopped_by[0] if stopped_by else signal.SIGINT
-        fail(f"stopped by {signal.Signals(sig).name}")
-        return 128 + int(sig)
-    return code
+    code = worker.main([str(recipe_path)])
+    return lifeline.report() if code == 130 else code
 
 
 def process_started() -> float:
@@ -199,9 +260,13 @@ def process_started() -> float:
         return time.time()
 
 
-def env_for_workers() -> None:
-    """Settings every worker inherits (set before torchrun spawns them, or the in-process worker runs)."""
+def env_for_workers(launch: Launch | None = None) -> None:
+    """Settings every worker inherits (set before torchrun spawns them, or the in-process worker runs):
+    for several nodes, the interface gloo and NCCL use (network.choose)."""
     from devops_cli.train.worker import LAUNCHER_ENV, STARTED_ENV
+
+    if launch is not None and launch.network is not None:
+        os.environ.update(launch.network.env)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

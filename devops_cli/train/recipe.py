@@ -110,6 +110,8 @@ class Recipe:
     node_rank: int | None = _k(None, "this node's rank (default: env NODE_RANK / RANK, else 0)")
     master_addr: str | None = _k(None, "rendezvous host (default: env MASTER_ADDR, else 127.0.0.1)")
     master_port: int | None = _k(None, "rendezvous port (default: env MASTER_PORT, else a free one)")
+    rdzv_timeout: int = _k(300, "several nodes: seconds a node waits at start-up for the others (rendezvous, "
+                           "process group) before it exits naming what it waited on")
     force: bool = _k(False, "launch even when the memory plan says the run will not fit (--force)")
     # --- anything else transformers.TrainingArguments takes, validated ----------------------------
     extra: dict = field(default_factory=dict, metadata={"help": "pass-through TrainingArguments"})
@@ -131,7 +133,7 @@ class Recipe:
         return out
 
 
-LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port")
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "rdzv_timeout")
 # keys that may change between a run and its resumption without making it "another run"
 RESUMABLE_CHANGES = {
     *LAUNCH_KEYS, "resume_from_checkpoint", "overwrite_output_dir", "max_steps", "num_train_epochs",
@@ -281,7 +283,7 @@ def value_problems(r: Recipe) -> list[DevopsError]:
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "max_source_length", "max_target_length", "logging_steps", "save_steps", "lora_rank",
                 "eval_steps", "max_samples", "save_total_limit", "nproc_per_node", "nnodes",
-                "preprocessing_num_workers"):  # fmt: skip
+                "preprocessing_num_workers", "rdzv_timeout"):  # fmt: skip
         value = getattr(r, key)
         if value is not None and value < 1:
             bad(key, f"{key} must be >= 1, got {value}")

@@ -25,6 +25,11 @@ def process_state(r: Recipe, gpu: bool):
     all (each worker would train alone)."""
     from accelerate import PartialState
 
+    from devops_cli.train import rendezvous
+
+    # several workers: they meet within rdzv_timeout (naming who did not come) before accelerate and
+    # DeepSpeed take the process group as it is; collectives then get ddp_timeout
+    rendezvous.join(r.rdzv_timeout, "nccl" if gpu else "gloo", int(r.extra.get("ddp_timeout", 1800)))
     if r.deepspeed:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     return PartialState(cpu=not gpu and not r.deepspeed, backend="nccl" if gpu else "gloo")

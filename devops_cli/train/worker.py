@@ -57,30 +57,15 @@ STARTED_ENV = "DEVOPS_MODEL_STARTED"  # when the devops-model command started (t
 
 def die_with_launcher() -> None:
     """End this worker when the devops-model process that launched it ends, even by kill -9: no
-    worker trains on unsupervised, holds GPUs, or writes into an output_dir that a rerun now owns.
-    Linux: PR_SET_PDEATHSIG (the kernel sends SIGKILL); elsewhere a thread polling the parent pid."""
-    import ctypes
-    import ctypes.util
-    import signal
+    worker trains on unsupervised, holds GPUs, or writes into an output_dir that a rerun now owns. The
+    processes it forks (the tokenizer pool of preprocessing_num_workers) die with it in turn."""
+    from devops_cli import lifeline
 
     launcher = int(os.environ.get(LAUNCHER_ENV) or 0)
     if not launcher or launcher == os.getpid():  # not launched, or running in the launcher itself
         return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        armed = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        armed = False
-    if os.getppid() != launcher:  # it died before the signal was armed
-        os._exit(1)
-    if not armed:
-
-        def watch():
-            while os.getppid() == launcher:
-                threading.Event().wait(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
+    lifeline.die_with_parent(launcher)
+    lifeline.arm_children()
 
 
 def disk_full(e: BaseException, output_dir: Path) -> str | None:
@@ -144,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch
 
+        from devops_cli import lifeline
+
+        if lifeline.stopped_by():  # a stop signal's KeyboardInterrupt, replaced by a library's cleanup
+            return 130
         sys.stdout.flush()
         sys.stderr.flush()
         log_file.write(traceback.format_exc().encode())  # the whole story goes to the log only
@@ -155,7 +144,12 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"[rank {rank}] out of memory: {first} — lower per_device_train_batch_size or max_source_length, "
                  "set gradient_checkpointing: true, or use configs/deepspeed/zero3-offload.json")
         elif isinstance(e, torch.distributed.DistError) or "Connection closed by peer" in first:
-            fail(f"[rank {rank}] lost contact with the other workers ({type(e).__name__}); traceback in {log}")
+            from devops_cli.train.rendezvous import peer_at, tidy
+
+            who = peer_at(str(e)) or "the other workers"
+            first = tidy(first)  # gloo: '[/path/pair.cc:553] What. Advice.' -> 'What'
+            fail(f"[rank {rank}] lost contact with {who} ({type(e).__name__}: {first}) — its devops-model stopped "
+                 f"or crashed (see that node's output), or the network between them failed; traceback in {log}")
         else:
             fail(f"[rank {rank}] crashed: {type(e).__name__}: {first}; traceback in {log}")
         return 1

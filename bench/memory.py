@@ -43,10 +43,10 @@ def run(stage: str, model: Path, out: Path, steps: int, extra: list[str]) -> dic
 
 
 def planned(out: Path):
-    from devops_cli.train import machine, memory, recipe
+    from devops_cli.train import dsconfig, machine, memory, recipe
 
     r = recipe.load(out / "recipe.yaml")
-    plan, _ = memory.plan_recipe(r, r.nproc_per_node or 1, 1, machine.gpu_info(), machine.read_deepspeed(r))
+    plan, _ = memory.plan_recipe(r, r.nproc_per_node or 1, 1, machine.gpu_info(), dsconfig.read_deepspeed(r))
     return plan
 
 

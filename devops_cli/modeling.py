@@ -250,3 +250,34 @@ def _check_merged_keeps_chat(source: str, base: str, output: Path, trust_remote_
     if got != eos:
         raise DevopsError(f"the merged model in {output} stops at eos ids {got}, its base at {eos}",
                           hint="copy the base model's generation_config.json into it")
+
+
+def load_for_inference(model: str | None, adapter: Path | None, dtype: str, device: str,
+                       trust_remote_code: bool = False):
+    """(model on its device in eval mode with the adapter merged, tokenizer with a chat template, name):
+    what chat and serve talk to."""
+    from devops_cli.console import warn
+    from devops_cli.sources import check_model_arg
+
+    if adapter is not None:
+        if not adapter.is_dir():
+            raise DevopsError(f"adapter directory '{adapter}' does not exist")
+        base = model or adapter_base(adapter)  # checks the adapter's files too
+    elif model:
+        base = model
+    else:
+        raise DevopsError("no model given", hint="pass --model PATH_OR_HUB_ID (or --adapter LORA_DIR)")
+    check_model_arg(base)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    tok = load_tokenizer(tokenizer_source(base, adapter), trust_remote_code=trust_remote_code)
+    if not tok.chat_template:
+        if has_chatml_tokens(tok):
+            tok.chat_template = CHATML
+        else:
+            tok.chat_template = DEFAULT
+            warn(f"'{base}' has no chat template and no ChatML tokens: using the Human/Assistant format")
+    loaded = load_model(base, torch_dtype, trust_remote_code)
+    if adapter is not None:
+        loaded = apply_adapter(loaded, adapter, base)
+    return loaded.to(dev).eval(), tok, base

@@ -28,9 +28,9 @@ def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
 
 @pytest.fixture(scope="module")
 def session(tiny_model):
-    from devops_cli.chat.command import load
     from devops_cli.chat.session import ChatSession
     from devops_cli.chat.settings import settings_from
+    from devops_cli.modeling import load_for_inference as load
 
     model, tok, name = load(str(tiny_model), None, "auto", "cpu")
     return ChatSession(model, tok, model_name=name, settings=settings_from(model.generation_config, {}),
@@ -140,9 +140,9 @@ def test_self_check_catches_a_loop_that_loses_its_cache(tiny_model, monkeypatch,
     import transformers
 
     from devops_cli.chat import decode
-    from devops_cli.chat.command import load
     from devops_cli.chat.session import ChatSession
     from devops_cli.chat.settings import settings_from
+    from devops_cli.modeling import load_for_inference as load
 
     model, tok, name = load(str(tiny_model), None, "auto", "cpu")
     monkeypatch.setattr(decode, "cache_kwarg", lambda module: "cache_under_an_old_name")

@@ -245,10 +245,10 @@ def test_hostile_input_is_one_clear_line_and_exit_2(name, ctx):
 # --- the REPL's and the session's own inputs (no terminal needed: the session API the REPL calls) ---
 
 def test_set_refuses_more_new_tokens_than_the_context(tiny_model):
-    from devops_cli.chat.command import load
     from devops_cli.chat.session import ChatSession
     from devops_cli.chat.settings import settings_from
     from devops_cli.errors import DevopsError
+    from devops_cli.modeling import load_for_inference as load
 
     model, tok, name = load(str(tiny_model), None, "auto", "cpu")
     s = ChatSession(model, tok, model_name=name, settings=settings_from(model.generation_config, {}), system="s", seed=0)

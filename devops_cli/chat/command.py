@@ -12,8 +12,8 @@ import typer
 
 from devops_cli.console import console, err_console, warn
 from devops_cli.errors import DevopsError
+from devops_cli.modeling import load_for_inference as load
 from devops_cli.options import check_seed
-from devops_cli.sources import check_model_arg
 
 _P = "generation (default: the model's generation_config)"
 
@@ -128,41 +128,6 @@ def _remote(url, api_key, name, adapter, system, overrides, seed, max_window):
     return session
 
 
-def load(model: str | None, adapter: Path | None, dtype: str, device: str, trust_remote_code: bool = False):
-    """(model on its device in eval mode with the adapter merged, tokenizer with a chat template, name)."""
-    from devops_cli.modeling import (
-        adapter_base,
-        apply_adapter,
-        load_model,
-        load_tokenizer,
-        resolve_device,
-        resolve_dtype,
-        tokenizer_source,
-    )
-    from devops_cli.templates import CHATML, DEFAULT, has_chatml_tokens
-
-    if adapter is not None:
-        if not adapter.is_dir():
-            raise DevopsError(f"adapter directory '{adapter}' does not exist")
-        base = model or adapter_base(adapter)  # checks the adapter's files too
-    elif model:
-        base = model
-    else:
-        raise DevopsError("no model given", hint="pass --model PATH_OR_HUB_ID (or --adapter LORA_DIR)")
-    check_model_arg(base)
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    tok = load_tokenizer(tokenizer_source(base, adapter), trust_remote_code=trust_remote_code)
-    if not tok.chat_template:
-        if has_chatml_tokens(tok):
-            tok.chat_template = CHATML
-        else:
-            tok.chat_template = DEFAULT
-            warn(f"'{base}' has no chat template and no ChatML tokens: using the Human/Assistant format")
-    loaded = load_model(base, torch_dtype, trust_remote_code)
-    if adapter is not None:
-        loaded = apply_adapter(loaded, adapter, base)
-    return loaded.to(dev).eval(), tok, base
 
 
 

@@ -176,10 +176,10 @@ async def _load_model(o: ServeOptions, engine: str):
 
     from transformers.utils import logging as hf_logging
 
-    from devops_cli.chat.command import load
     from devops_cli.chat.prompt import PromptEncoder, context_length, stop_ids
     from devops_cli.chat.settings import settings_from
     from devops_cli.console import info, warn
+    from devops_cli.modeling import load_for_inference as load
     from devops_cli.serve.app import Loaded
     from devops_cli.serve.engine import start_engine
     from devops_cli.templates import DEFAULT_SYSTEM

@@ -13,8 +13,8 @@ from devops_cli import dataset_info, outputs, records
 from devops_cli.errors import DevopsError, DevopsErrors
 from devops_cli.reading import read_json
 from devops_cli.sources import hub_reachable, is_hub_id
-from devops_cli.train.launch import LOCK
 from devops_cli.train.recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved
+from devops_cli.train.rundir import LOCK, last_checkpoint, own_checkpoints
 from devops_cli.weights import check_model_dir
 
 LORA_MODULES = {
@@ -25,34 +25,6 @@ LORA_MODULES = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qwen": ("c_attn", "c_proj", "w1", "w2"),  # Qwen v1 (remote code)
 }
-
-
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """Newest complete checkpoint-N: the Trainer writes its trainer_state.json last, so one whose
-    trainer_state.json is there and parses (a disk that filled up while writing it leaves it cut)."""
-    if not output_dir.is_dir():
-        return None
-    done = [p for p in output_dir.glob("checkpoint-*") if p.name[11:].isdigit() and _state_ok(p / "trainer_state.json")]
-    return max(done, key=lambda p: int(p.name[11:]), default=None)
-
-
-def _state_ok(path: Path) -> bool:
-    try:
-        return isinstance(json.loads(path.read_text(encoding="utf-8")), dict)
-    except (OSError, ValueError):
-        return False
-
-
-CHECKPOINT_MARK = ".devops-model-checkpoint"  # written into every checkpoint this tool saves (train.py)
-
-
-def own_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(checkpoint-N folders a devops-model run saved here, other checkpoint-* entries), by the marker
-    file each of ours carries; an unmarked folder is the user's, whatever it holds."""
-    ours, others = [], []
-    for p in sorted(output_dir.glob("checkpoint-*"), key=lambda p: (len(p.name), p.name)):
-        (ours if p.is_dir() and p.name[11:].isdigit() and (p / CHECKPOINT_MARK).is_file() else others).append(p)
-    return ours, others
 
 
 def check(r: Recipe) -> list[str]:
@@ -137,7 +109,7 @@ def _quantization_problems(r: Recipe, model_type: str | None, errors: list) -> N
         errors.append(DevopsError("quantization_bit needs bitsandbytes, which is not installed", where,
                                   "pip install 'devops-model[qlora]'"))
     if r.deepspeed and r.quantization_bit == 8:
-        from devops_cli.train.machine import read_deepspeed, zero_stage
+        from devops_cli.train.dsconfig import read_deepspeed, zero_stage
 
         if zero_stage(read_deepspeed(r)) == 3:
             errors.append(DevopsError("8-bit quantization cannot be sharded by ZeRO-3 (bitsandbytes' int8 weights "
@@ -217,7 +189,7 @@ def deepspeed_problems(config: dict, where: str, r: Recipe | None = None) -> lis
     out = []
     if not isinstance(config, dict):
         return [DevopsError("a DeepSpeed config must be a JSON object", where)]
-    from devops_cli.train.machine import zero_stage
+    from devops_cli.train.dsconfig import zero_stage
 
     stage = zero_stage(config)
     if stage not in (0, 1, 2, 3):

@@ -37,7 +37,8 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
 
 def _train_here(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool, force: bool,
                 as_json: bool) -> None:
-    from devops_cli.train import checks, launch, machine, network, recipe
+    from devops_cli.train import checks, launch, machine, network, recipe, rundir
+    from devops_cli.train.dsconfig import read_deepspeed
 
     if as_json and not dry_run:
         raise DevopsError("--json goes with --dry-run", "--json", f"devops-model {stage} RECIPE --dry-run --json")
@@ -59,7 +60,7 @@ def _train_here(stage: str, recipe_path: Path | None, overrides: list[str] | Non
         r.resume_from_checkpoint = str(resume)
     argv = launch.worker_argv(plan, out / "recipe.yaml")
     # what this machine cannot run (precision, workers, the model's availability, DeepSpeed's needs, memory)
-    trouble, memory = machine.problems(r, plan, machine.read_deepspeed(r))
+    trouble, memory = machine.problems(r, plan, read_deepspeed(r))
     if plan.nnodes > 1:  # the interface gloo and NCCL use to reach the other nodes (unless the user set them)
         plan.network = collect(trouble, network.choose, plan.master_addr)
         for w in plan.network.warnings if plan.network else []:
@@ -85,9 +86,9 @@ def _train_here(stage: str, recipe_path: Path | None, overrides: list[str] | Non
 
     out.mkdir(parents=True, exist_ok=True)
     # node 0 holds output_dir while the run lives (other nodes share it on shared storage)
-    with launch.hold(out) if plan.node_rank == 0 else contextlib.nullcontext():
+    with rundir.hold(out) if plan.node_rank == 0 else contextlib.nullcontext():
         if r.overwrite_output_dir:  # only what an earlier devops-model run wrote here goes
-            ours, others = checks.own_checkpoints(out)
+            ours, others = rundir.own_checkpoints(out)
             for old in ours:
                 shutil.rmtree(old)
             if ours:

@@ -12,7 +12,6 @@ import os
 import shlex
 import signal
 import socket
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,7 +262,7 @@ def process_started() -> float:
 def env_for_workers(launch: Launch | None = None) -> None:
     """Settings every worker inherits (set before torchrun spawns them, or the in-process worker runs):
     for several nodes, the interface gloo and NCCL use (network.choose)."""
-    from devops_cli.train.worker import LAUNCHER_ENV, STARTED_ENV
+    from devops_cli.train.rundir import LAUNCHER_ENV, STARTED_ENV
 
     if launch is not None and launch.network is not None:
         os.environ.update(launch.network.env)
@@ -274,32 +273,3 @@ def env_for_workers(launch: Launch | None = None) -> None:
     os.environ[LAUNCHER_ENV] = str(os.getpid())  # the workers' parent: they end with it (worker.die_with_launcher)
 
 
-LOCK = ".devops-model.lock"
-
-
-@contextmanager
-def hold(output_dir: Path):
-    """output_dir belongs to one live run. The lock file names the holder (pid, host, start) and stays
-    flock-ed while the run lives; the kernel drops the lock when the process ends, even by kill -9,
-    so a stale file never blocks a rerun."""
-    import fcntl
-    import time
-
-    path = output_dir / LOCK
-    f = open(path, "a+", encoding="utf-8")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise DevopsError(f"output_dir '{output_dir}' is in use by a live run ({holder})",
-                          hint="wait for it to end or stop it, or choose another output_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    try:
-        yield
-    finally:
-        f.close()

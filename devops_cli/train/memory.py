@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from devops_cli.train.machine import zero_stage
+from devops_cli.train.dsconfig import zero_stage
 from devops_cli.train.shape import KNOWN, Shape, model_config  # noqa: F401  (KNOWN: the table of hub shapes)
 
 GiB = 1024**3

@@ -20,7 +20,7 @@ from devops_cli.train.recipe import Recipe
 
 def arguments(r: Recipe):
     """The TRL config for pref_loss, made from the recipe as TrainingArguments are for the other stages."""
-    from devops_cli.train.run import training_arguments
+    from devops_cli.train.arguments import training_arguments
 
     common = dict(beta=r.pref_beta, max_length=r.max_source_length + r.max_target_length, disable_dropout=True)
     if r.pref_loss == "kto":  # its KL term pairs each prompt with a batch neighbour's answer: a fixed order

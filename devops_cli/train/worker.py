@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+from devops_cli.train.rundir import LAUNCHER_ENV, STARTED_ENV  # noqa: F401  (STARTED_ENV: read by run.Clock)
+
 
 def tee_output(log: Path, console: bool):
     """Send this process's stdout/stderr (C level too) to `log`, and also to the terminal if `console`.
@@ -51,8 +53,6 @@ def tee_output(log: Path, console: bool):
     return f
 
 
-LAUNCHER_ENV = "DEVOPS_MODEL_LAUNCHER_PID"
-STARTED_ENV = "DEVOPS_MODEL_STARTED"  # when the devops-model command started (time.time()): run.Clock
 
 
 def die_with_launcher() -> None:
@@ -77,7 +77,7 @@ def disk_full(e: BaseException, output_dir: Path) -> str | None:
 
     if not is_disk_full(e):
         return None
-    from devops_cli.train.checks import last_checkpoint
+    from devops_cli.train.rundir import last_checkpoint
 
     free = shutil.disk_usage(output_dir).free / 1e6
     done = last_checkpoint(output_dir)

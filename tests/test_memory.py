@@ -54,12 +54,13 @@ def test_every_shipped_recipe_has_a_memory_plan(path, tiny_model, capsys):
 
 
 def _big_model(tmp_path: Path, layers: int = 8, hidden: int = 1024) -> Path:
-    """A model folder with only a config.json: the plan needs no weights."""
+    """A model folder with a config.json and a tokenizer's config only: the plan needs no weights."""
     d = tmp_path / "big"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": hidden, "num_hidden_layers": layers,
                                               "num_attention_heads": 8, "num_key_value_heads": 4,
                                               "intermediate_size": 3 * hidden, "vocab_size": 4096}))  # fmt: skip
+    (d / "tokenizer_config.json").write_text("{}")  # a model folder without a tokenizer is refused first
     return d
 
 

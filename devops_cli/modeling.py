@@ -24,14 +24,15 @@ def load_tokenizer(name: str, template: str | None = None, trust_remote_code: bo
         raise DevopsError(f"the tokenizer of '{name}' has no eos_token", hint="set eos_token in its tokenizer_config.json")
     if tok.pad_token is None:  # Qwen tokenizers often ship without one
         tok.pad_token = tok.eos_token
-    if template == "chatml":
+    if template == "chatml":  # plain ChatML, whatever template the tokenizer ships
         if not has_chatml_tokens(tok):
             raise DevopsError(f"the tokenizer of '{name}' has no <|im_start|> / <|im_end|> tokens, so it cannot use ChatML",
                               hint="use template: default")
-        if not tok.chat_template or "<|im_start|>" not in str(tok.chat_template):
-            tok.chat_template = CHATML
+        tok.chat_template = CHATML
     elif template == "default":
         tok.chat_template = DEFAULT
+    elif template == "auto" and not tok.chat_template:  # the model's own; ChatML for Qwen tokenizers without one
+        tok.chat_template = CHATML if has_chatml_tokens(tok) else DEFAULT
     return tok
 
 
@@ -146,7 +147,24 @@ def train_every_embedding(model) -> int | None:
     return pad
 
 
+def moe_pattern_warning_off():
+    """peft 0.21 on fused MoE experts: its rank/alpha pattern for gate_up_proj does apply (ParamWrapper at
+    rank 2r), but its check looks at module names only and warns that it matched nothing."""
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def quiet():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*pattern keys did not match any targeted module.*gate_up_proj")
+            yield
+
+    return quiet()
+
+
 def add_lora(model, rank: int, alpha: float, dropout: float, target: str, gradient_checkpointing: bool):
+    """LoRA on the model: `target` 'all' = every linear layer, and on a mixture-of-experts model its
+    router and fused experts too (peft maps them to target_parameters: train/moe.py)."""
     import_quietly("gptqmodel")  # before peft, which imports it (and its stdout banner) when installed
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -156,9 +174,11 @@ def add_lora(model, rank: int, alpha: float, dropout: float, target: str, gradie
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=targets)
     try:
-        return get_peft_model(model, config)
+        with moe_pattern_warning_off():
+            return get_peft_model(model, config)
     except ValueError as e:
-        raise DevopsError(f"lora_target '{target}': {first_line(e)}", hint="use lora_target: all") from None
+        hint = "set lora_dropout: 0" if "lora_dropout" in str(e) else "use lora_target: all"
+        raise DevopsError(f"lora_target '{target}': {first_line(e)}", hint=hint) from None
 
 
 def adapter_base(adapter_dir: Path) -> str:
@@ -180,7 +200,8 @@ def apply_adapter(model, adapter_dir: str | Path, base: str):
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        with moe_pattern_warning_off():
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, RuntimeError, KeyError, OSError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)

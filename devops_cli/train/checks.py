@@ -20,6 +20,8 @@ from devops_cli.weights import check_model_dir
 LORA_MODULES = {
     "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    # MoE: gate is the router; gate_proj + up_proj (both or neither) and down_proj the fused experts (train/moe.py)
+    "qwen3_moe": ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "gate_proj", "up_proj", "down_proj"),
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "qwen": ("c_attn", "c_proj", "w1", "w2"),  # Qwen v1 (remote code)
 }
@@ -66,6 +68,7 @@ def check(r: Recipe) -> list[str]:
                 errors.append(DevopsError(f"lora_target '{name}' is not a linear layer of a {model_type} model",
                                           r.where("lora_target"), f"use all, or some of {','.join(names)}"))
     _quantization_problems(r, model_type, errors)
+    _moe_problems(r, errors, warnings)
     _data_problems(r, errors, warnings)
     if r.deepspeed:
         errors += check_deepspeed(Path(r.deepspeed), r)
@@ -138,6 +141,20 @@ def _quantization_problems(r: Recipe, model_type: str | None, errors: list) -> N
         if zero_stage(read_deepspeed(r)) == 3:
             errors.append(DevopsError("8-bit quantization cannot be sharded by ZeRO-3 (bitsandbytes' int8 weights "
                                       "are not partitionable)", where, "use quantization_bit: 4, or zero2.json"))
+
+
+def _moe_problems(r: Recipe, errors: list, warnings: list) -> None:
+    """LoRA on a mixture-of-experts model's fused experts takes no dropout (train/moe.py)."""
+    from devops_cli.train import moe
+    from devops_cli.train.memory import model_config
+
+    if r.finetuning_type != "lora":
+        return
+    error, note = moe.lora_dropout_rule(r, model_config(r.model_name_or_path)[0])
+    if error:
+        errors.append(error)
+    if note:
+        warnings.append(note)
 
 
 def _data_problems(r: Recipe, errors: list, warnings: list) -> None:

@@ -21,11 +21,19 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides
                                                           show_default=False)]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe, memory plan and launch command (torchrun, or the worker for one process); run nothing")]
 Force = Annotated[bool, typer.Option("--force", help="launch even when the memory plan says it will not fit (force=true)")]
+DryRunShow = Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe, memory plan and launch command "
+                                          "(torchrun, or the worker for one process), and the first example of each "
+                                          "dataset as the model will see it, trained spans marked; run nothing")]
+Json = Annotated[bool, typer.Option("--json", help="with --dry-run: all of it as one JSON object on stdout (the "
+                                    "examples' rendered text, trained character and token spans)")]
 
 
-def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool, force: bool) -> None:
+def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dry_run: bool, force: bool,
+           as_json: bool = False) -> None:
     from devops_cli.train import checks, launch, machine, recipe
 
+    if as_json and not dry_run:
+        raise DevopsError("--json goes with --dry-run", "--json", f"devops-model {stage} RECIPE --dry-run --json")
     overrides = list(overrides or []) + (["force=true"] if force else [])
     if recipe_path is not None and "=" in str(recipe_path) and not recipe_path.exists():
         overrides.insert(0, str(recipe_path))  # `devops-model sft key=value ...` with no file
@@ -45,6 +53,9 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
     argv = launch.worker_argv(plan, out / "recipe.yaml")
     # what this machine cannot run (precision, workers, the model's availability, DeepSpeed's needs, memory)
     trouble, memory = machine.problems(r, plan, machine.read_deepspeed(r))
+    if dry_run and as_json:
+        _dry_run_json(r, plan, argv, memory, trouble, warnings)
+        return
     if dry_run:
         console.print(recipe.dump(r), markup=False, end="")
         console.print(f"# launch: {plan.describe()}", markup=False, soft_wrap=True)
@@ -53,6 +64,10 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
         console.print(launch.display(argv), markup=False, soft_wrap=True)
         for e in trouble:
             warn(f"on this machine the launch would stop: {e.line()}")
+        if stage != "pt":
+            from devops_cli.train import preview
+
+            preview.show(console, *preview.safe_examples(r))
         return
     if trouble:  # before output_dir exists and before any worker starts
         raise DevopsErrors(trouble)
@@ -86,6 +101,21 @@ def _train(stage: str, recipe_path: Path | None, overrides: list[str] | None, dr
         raise typer.Exit(code)
 
 
+def _dry_run_json(r, plan, argv, memory, trouble, warnings) -> None:
+    import json
+
+    from devops_cli.train import launch
+
+    out = {"recipe": r.to_dict(), "launch": plan.describe(), "command": launch.display(argv),
+           "memory_plan": memory.to_dict() if memory is not None else None,
+           "problems": [e.line() for e in trouble], "warnings": list(warnings)}
+    if r.stage != "pt":
+        from devops_cli.train import preview
+
+        out["examples"], out["notes"] = preview.safe_examples(r)
+    print(json.dumps(out, ensure_ascii=False, default=str))
+
+
 def _summary(out: Path) -> None:
     import json
 
@@ -105,14 +135,16 @@ def pt(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = 
     _train("pt", recipe, overrides, dry_run, force)
 
 
-def sft(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False, force: Force = False) -> None:
+def sft(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRunShow = False, force: Force = False,
+        as_json: Json = False) -> None:
     """Supervised fine-tuning (full or LoRA) on DevOps QA: [bold]devops-model sft configs/7b-sft.yaml[/]"""
-    _train("sft", recipe, overrides, dry_run, force)
+    _train("sft", recipe, overrides, dry_run, force, as_json)
 
 
-def dpo(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRun = False, force: Force = False) -> None:
+def dpo(recipe: RecipeArg = None, overrides: Overrides = None, dry_run: DryRunShow = False, force: Force = False,
+        as_json: Json = False) -> None:
     """Preference alignment (DPO, IPO, hinge, KTO) on chosen/rejected answers: [bold]devops-model dpo configs/7b-dpo-lora.yaml[/]"""
-    _train("dpo", recipe, overrides, dry_run, force)
+    _train("dpo", recipe, overrides, dry_run, force, as_json)
 
 
 def export(

@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 
 from devops_cli import dataset_info
 from devops_cli.errors import DevopsError, first_line
-from devops_cli.templates import DEFAULT_SYSTEM, END_OF_TURN
 from devops_cli.train import mix
 from devops_cli.train.recipe import Recipe
+from devops_cli.train.render import IGNORE, Renderer, encode, encode_turns, with_reasoning
 
-IGNORE = -100
 PACK_BATCH = 10_000  # pt: documents per packing batch (streaming packs fewer at a time: train/stream.py)
 
 
 @dataclass
 class DataReport:
-    examples: int = 0  # pt: documents; sft: conversations
+    examples: int = 0  # pt: documents; sft: training examples (sequences); dpo: preference records
+    conversations: int = 0  # sft: conversations read (examples > conversations: one example per turn)
     tokens: int = 0  # pt: tokens of all documents (+EOS); sft: tokens of all kept examples
     trained_tokens: int = 0  # tokens with a label
     blocks: int = 0  # pt
@@ -50,8 +50,11 @@ class DataReport:
         if stage == "pt":
             return (f"pt data: {self.examples} documents, {self.tokens} tokens -> {self.blocks} blocks; "
                     f"{self.dropped_tokens} tail tokens dropped")
-        return (f"sft data: {self.examples} conversations kept, {self.trained_tokens}/{self.tokens} tokens "
-                f"trained; {self.truncated_examples} truncated, {self.dropped_examples} dropped (no answer token)")
+        kept = f"{self.examples} conversations kept" if self.examples + self.dropped_examples == self.conversations \
+            else f"{self.conversations} conversations -> {self.examples} examples kept (one per assistant turn where " \
+                 "the chat template re-renders earlier turns)"
+        return (f"sft data: {kept}, {self.trained_tokens}/{self.tokens} tokens trained; {self.truncated_examples} "
+                f"truncated, {self.dropped_examples} dropped (no answer token)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +98,10 @@ def to_messages(entry):
                 if role is None:
                     raise DevopsError(f"record {index}: unknown role {m.get(tags['role_tag'])!r}", entry.where,
                                       'set "tags" in dataset_info.json (role_tag, user_tag, assistant_tag)')
-                messages.append({"role": role, "content": m.get(tags["content_tag"]) or ""})
+                content = m.get(tags["content_tag"]) or ""
+                if role == "assistant":  # OpenAI/vLLM-style reasoning: a think block, as Qwen3 renders it
+                    content = with_reasoning(m.get("reasoning_content") or m.get("reasoning"), content)
+                messages.append({"role": role, "content": content})
             return messages
         system = record.get(c["system"]) if c["system"] in record else None
         messages = [{"role": "system", "content": system}] if system else []
@@ -197,118 +203,37 @@ def pack(raw, tokenizer, block_size: int, num_proc: int | None = None, names: li
 
 
 # ----------------------------------------------------------------------------------------------
-# sft: render conversations segment by segment, mask everything but the answers
+# sft / dpo: conversations rendered and masked by train/render.py
 # ----------------------------------------------------------------------------------------------
-class Renderer:
-    """Cuts a conversation rendered by the tokenizer's chat template into (text, trained) segments."""
-
-    def __init__(self, tokenizer, template: str, system_prompt: str | None):
-        self.tok = tokenizer
-        self.system = system_prompt or (DEFAULT_SYSTEM if template == "chatml" else None)
-        self.eot = END_OF_TURN[template] or tokenizer.eos_token
-
-    def render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-    def conversation(self, messages: list[dict]) -> list[dict]:
-        if messages and messages[0]["role"] == "system":
-            head, rest = messages[:1], messages[1:]
-        else:
-            head, rest = ([{"role": "system", "content": self.system}] if self.system else []), messages
-        turns = []
-        for i in range(0, len(rest) - 1, 2):
-            user, answer = rest[i], rest[i + 1]
-            if user["role"] != "user" or answer["role"] != "assistant":
-                raise ValueError("messages must alternate user, assistant after an optional system message")
-            turns += [user, answer]
-        return head + turns  # a trailing user message without an answer has nothing to train
-
-    def segments(self, messages: list[dict]) -> list[tuple[str, str, str, bool]]:
-        """[(before, content, after, trained)]: prompt segments keep their user content apart so that
-        truncation can shorten the content and keep the template around it."""
-        msgs = self.conversation(messages)
-        out, done = [], ""
-        carry = ""  # text between an end-of-turn token and the next segment (ChatML: "\n")
-        start = 1 if msgs and msgs[0]["role"] == "system" else 0
-        for i in range(start, len(msgs), 2):
-            prompt = self.render(msgs[: i + 1], True)
-            full = self.render(msgs[: i + 2], False)
-            if not prompt.startswith(done) or not full.startswith(prompt):
-                raise DevopsError(f"the chat template of {self.tok.name_or_path} does not render conversations "
-                                  "as growing prefixes, so answers cannot be masked", hint="use template: chatml")
-            seg = carry + prompt[len(done) :]
-            content = msgs[i]["content"]
-            pos = seg.rfind(content) if content else -1
-            if pos >= 0:
-                out.append((seg[:pos], content, seg[pos + len(content) :], False))
-            else:
-                out.append((seg, "", "", False))
-            answer = full[len(prompt) :]
-            cut = answer.find(self.eot)
-            cut = len(answer) if cut < 0 else cut + len(self.eot)
-            out.append(("", answer[:cut], "", True))
-            carry, done = answer[cut:], full
-        return out
+def make_renderer(tokenizer, recipe: Recipe) -> Renderer:
+    return Renderer(tokenizer, recipe.template, recipe.system_prompt, recipe.enable_thinking)
 
 
-def encode_turns(renderer: Renderer, messages: list[dict], max_source: int, max_target: int):
-    """-> ([(prompt_ids, answer_ids, empty)], truncated): each user turn (template around it included)
-    and its answer, cut by the truncation rules above; `empty`: an answer with nothing to train."""
-    tok = renderer.tok
-
-    def ids(text: str) -> list[int]:
-        return tok(text, add_special_tokens=False)["input_ids"] if text else []
-
-    turns = []
-    used = 0
-    truncated = False
-    budget = max_source + max_target
-    segs = renderer.segments(messages)
-    for k in range(0, len(segs), 2):
-        before, content, after, _ = segs[k]
-        pre, body, post = ids(before), ids(content), ids(after)
-        room = max_source - len(pre) - len(post)
-        if room < 0:
-            truncated = True
-            break
-        if len(body) > room:
-            body, truncated = body[:room], True
-        prompt = pre + body + post
-        text = segs[k + 1][1]
-        answer = ids(text)
-        if len(answer) > max_target:
-            answer, truncated = answer[:max_target], True
-        if used and used + len(prompt) + len(answer) > budget:
-            truncated = True
-            break
-        used += len(prompt) + len(answer)
-        turns.append((prompt, answer, not text.replace(renderer.eot, "").strip()))
-    return turns, truncated
+def encode_examples(renderer: Renderer, messages: list[dict], max_source: int, max_target: int):
+    """-> [(input_ids, labels, truncated)]: one sequence for a conversation the template renders as
+    growing prefixes, else one per assistant turn (render.py)."""
+    return [encode(renderer.tok, turns, max_source, max_target) for turns in renderer.examples(messages)]
 
 
 def encode_sft(renderer: Renderer, messages: list[dict], max_source: int, max_target: int):
-    """-> (input_ids, labels, truncated) with every prompt token labelled IGNORE."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    turns, truncated = encode_turns(renderer, messages, max_source, max_target)
-    for prompt, answer, empty in turns:
-        input_ids += prompt + answer
-        # an empty answer would teach the model to stop at once: it stays in context, untrained
-        labels += [IGNORE] * len(prompt) + ([IGNORE] * len(answer) if empty else answer)
-    return input_ids, labels, truncated
+    """-> (input_ids, labels, truncated) of a conversation that is one sequence (a prefix-stable
+    template); ValueError for one the template splits into several examples (use encode_examples)."""
+    examples = encode_examples(renderer, messages, max_source, max_target)
+    if len(examples) > 1:
+        raise ValueError(f"the template renders this conversation as {len(examples)} examples")
+    return examples[0] if examples else ([], [], False)
 
 
 def encode_answer(renderer: Renderer, messages: list[dict], answer: str, max_source: int, max_target: int):
-    """The prompt (every turn of `messages`, earlier answers as context) and `answer` to it, rendered
-    and truncated as sft does: -> (prompt_ids, answer_ids, truncated), or None when the last turn
-    does not fit or the answer is empty."""
-    turns, truncated = encode_turns(renderer, messages + [{"role": "assistant", "content": answer}],
-                                    max_source, max_target)
-    users = sum(m["role"] == "user" for m in messages)
-    if len(turns) != users or not turns or turns[-1][2]:
+    """The prompt (every turn of `messages` as the template renders it before `answer`, earlier answers
+    as context) and `answer` to it, rendered and truncated as sft does: -> (prompt_ids, answer_ids,
+    truncated), or None when the last turn does not fit or the answer is empty."""
+    turns = renderer.last_turn(messages + [{"role": "assistant", "content": answer}])
+    encoded, truncated = encode_turns(renderer.tok, turns, max_source, max_target)
+    if len(encoded) != len(turns) or not encoded[-1][2]:
         return None
-    context = [t for prompt, reply, _ in turns[:-1] for t in prompt + reply] + turns[-1][0]
-    return context, turns[-1][1], truncated
+    context = [t for prompt, reply, _ in encoded[:-1] for t in prompt + reply] + encoded[-1][0]
+    return context, encoded[-1][1], truncated
 
 
 def _encode_and_keep(raw, fn, num_proc):
@@ -322,25 +247,30 @@ def _encode_and_keep(raw, fn, num_proc):
 
 
 def build_sft(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
-    renderer = Renderer(tokenizer, recipe.template, recipe.system_prompt)
+    """Conversations -> {input_ids, labels}: one row per conversation, or one per assistant turn where the
+    template re-renders earlier turns (render.py)."""
+    chat = make_renderer(tokenizer, recipe)
 
     def fn(batch):
         out = {"input_ids": [], "labels": [], "truncated": [], "valid": []}
-        for messages in batch["messages"]:
-            try:
-                input_ids, labels, truncated = encode_sft(renderer, messages, recipe.max_source_length,
-                                                          recipe.max_target_length)
-            except ValueError:
-                input_ids, labels, truncated = [], [], False
-            out["input_ids"].append(input_ids)
-            out["labels"].append(labels)
-            out["truncated"].append(truncated)
-            out["valid"].append(any(t != IGNORE for t in labels))
         if mix.SOURCE in batch:
-            out[mix.SOURCE] = list(batch[mix.SOURCE])
+            out[mix.SOURCE] = []
+        for i, messages in enumerate(batch["messages"]):
+            try:
+                examples = encode_examples(chat, messages, recipe.max_source_length, recipe.max_target_length)
+            except ValueError:
+                examples = []
+            for input_ids, labels, truncated in examples or [([], [], False)]:
+                out["input_ids"].append(input_ids)
+                out["labels"].append(labels)
+                out["truncated"].append(truncated)
+                out["valid"].append(any(t != IGNORE for t in labels))
+                if mix.SOURCE in batch:
+                    out[mix.SOURCE].append(batch[mix.SOURCE][i])
         return out
 
     kept, report = _encode_and_keep(raw, fn, num_proc)
+    report.conversations = len(raw)
     if mix.SOURCE in kept.column_names:
         mix.count(report.mix, recipe.datasets, kept[mix.SOURCE], [len(x) for x in kept["input_ids"]])
         kept = kept.remove_columns([mix.SOURCE])
@@ -355,7 +285,7 @@ def build_sft(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
 def build_preferences(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
     """Preference records -> TRL's tokenized columns: {prompt_ids, chosen_ids, rejected_ids} (pairs) or
     {prompt_ids, completion_ids, label} (KTO), through the same template, masking and truncation as sft."""
-    renderer = Renderer(tokenizer, recipe.template, recipe.system_prompt)
+    chat = make_renderer(tokenizer, recipe)
     kto = "label" in raw.column_names
     answers = ("completion",) if kto else ("chosen", "rejected")
 
@@ -365,7 +295,7 @@ def build_preferences(raw, tokenizer, recipe: Recipe, num_proc: int | None = Non
             out["label"] = list(batch["label"])
         for i, messages in enumerate(batch["messages"]):
             try:
-                encoded = [encode_answer(renderer, messages, batch[a][i], recipe.max_source_length,
+                encoded = [encode_answer(chat, messages, batch[a][i], recipe.max_source_length,
                                          recipe.max_target_length) for a in answers]
             except ValueError:
                 encoded = [None]

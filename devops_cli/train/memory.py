@@ -6,7 +6,8 @@ uses DeepSpeed), against what this machine has.
                                             (deepspeed.runtime.zero.*.estimate_zero*_model_states_mem_needs),
                                             AdamW with fp32 master weights otherwise (16 bytes a parameter)
     LoRA                                    the frozen base in its load dtype (sharded under ZeRO-3), the
-                                            adapter's weights + gradients + AdamW states in fp32
+                                            adapter's weights + gradients + AdamW states in fp32 (a MoE: every
+                                            expert's adapter, shape.py)
     activations                             per micro-batch token and layer: what a pre-norm decoder layer
                                             keeps for backward; with gradient checkpointing only each
                                             layer's input, plus one layer recomputed at a time
@@ -21,122 +22,15 @@ Measured against real runs in bench/memory.py (README: Memory plan).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from devops_cli.train.machine import zero_stage
+from devops_cli.train.shape import KNOWN, Shape, model_config  # noqa: F401  (KNOWN: the table of hub shapes)
 
 GiB = 1024**3
 GPU_RUNTIME = 1.0 * GiB  # CUDA context + caching-allocator slack, per GPU
 CPU_RUNTIME = 0.65 * GiB  # a CPU worker before the model: the tiny model's workers peak at 0.7 GiB (bench/memory.py)
-
-# Shapes of the hub models the shipped recipes name, for when their config.json is neither a local
-# folder nor in the hub cache (from the models' published config.json files).
-KNOWN = {
-    "Qwen/Qwen2.5-7B": {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
-                        "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
-                        "tie_word_embeddings": False},
-    "Qwen/Qwen2.5-14B": {"model_type": "qwen2", "hidden_size": 5120, "num_hidden_layers": 48, "num_attention_heads": 40,
-                         "num_key_value_heads": 8, "intermediate_size": 13824, "vocab_size": 152064,
-                         "tie_word_embeddings": False},
-}  # fmt: skip
-KNOWN.update({f"{name}-Instruct": shape for name, shape in KNOWN.items()})  # the chat models share their base's shape
-
-
-@dataclass
-class Shape:
-    """A decoder-only transformer's sizes (Qwen2/2.5/3, Llama, Mistral; Qwen v1 through its conversion)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool
-    qk_norm: bool
-    o_bias: bool = False
-    mlp_bias: bool = False
-
-    @classmethod
-    def from_config(cls, c: dict) -> Shape:
-        if c.get("model_type") == "qwen":  # Qwen v1: sized as the Qwen2 model it is converted to
-            from devops_cli.convert.qwen_v1 import qwen2_config
-
-            c = {**qwen2_config(c, Path("config.json")), "model_type": "qwen2"}
-        heads = c["num_attention_heads"]
-        return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
-                   kv_heads=c.get("num_key_value_heads") or heads,
-                   head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate=c["intermediate_size"],
-                   vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)),
-                   qkv_bias=c.get("model_type") == "qwen2" or bool(c.get("attention_bias", False)),
-                   qk_norm=c.get("model_type") == "qwen3", o_bias=bool(c.get("attention_bias", False)),
-                   mlp_bias=bool(c.get("mlp_bias", False)))  # fmt: skip
-
-    @property
-    def linears(self) -> list[tuple[int, int]]:
-        """(in, out) of each linear layer of one decoder layer."""
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, self.intermediate), (h, self.intermediate), (self.intermediate, h)]
-
-    @property
-    def layer_params(self) -> int:
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        bias = (q + 2 * kv if self.qkv_bias else 0) + (self.hidden if self.o_bias else 0) + \
-            (2 * self.intermediate + self.hidden if self.mlp_bias else 0)  # fmt: skip
-        return sum(i * o for i, o in self.linears) + bias + 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
-
-    @property
-    def embedding(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def params(self) -> int:
-        return self.embedding * (1 if self.tied else 2) + self.layers * self.layer_params + self.hidden
-
-    @property
-    def largest_module(self) -> int:
-        """The largest single module's parameters (what ZeRO-3 gathers at once): the embedding, or a layer."""
-        return max(self.embedding, self.layer_params)
-
-    @property
-    def lora_dropout_elements(self) -> int:
-        """Per token and layer: the inputs of the seven adapted linears (LoRA dropout keeps a copy)."""
-        return sum(i for i, _ in self.linears)
-
-    def lora_params(self, rank: int) -> int:
-        return self.layers * rank * sum(i + o for i, o in self.linears)
-
-    def activation_elements(self, checkpointing: bool) -> float:
-        """Elements kept for backward per token, for all layers: without checkpointing each layer's norm
-        inputs and outputs, q/k/v, attention output, o_proj input, gate/up/act/product; with it each
-        layer's input, plus one layer's worth while it is recomputed."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        one = 6 * self.hidden + 3 * q + 2 * kv + 4 * self.intermediate
-        return self.layers * self.hidden + one if checkpointing else self.layers * one
-
-
-def model_config(name: str) -> tuple[dict | None, str]:
-    """(config.json of the model, where it was read), from a local folder, the hub cache, or the table
-    of known models; (None, why) when none has it."""
-    path = Path(name).expanduser()
-    if (path / "config.json").is_file():
-        return json.loads((path / "config.json").read_text(encoding="utf-8")), str(path / "config.json")
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(name, "config.json")
-    except Exception:  # not a valid repo id, no cache
-        cached = None
-    if isinstance(cached, str):
-        return json.loads(Path(cached).read_text(encoding="utf-8")), f"the hub cache ({cached})"
-    if name in KNOWN:
-        return KNOWN[name], "devops-model's table of known models (its config.json is not on this machine)"
-    return None, f"no config.json for '{name}' on this machine"
 
 
 @dataclass
@@ -171,9 +65,20 @@ class Plan:
             out += f"; {gib(self.host_need)} of CPU RAM per node for offloaded states{host}"
         return out
 
+    def to_dict(self) -> dict:
+        return {"device": self.device, "processes_per_node": self.processes, "source": self.source,
+                "parameters": self.shape.params if self.shape else None,
+                "active_parameters": self.shape.active_params if self.shape else None,
+                "rows": [{"what": name, "bytes": int(b)} for name, b in self.rows],
+                "host_rows": [{"what": name, "bytes": int(b)} for name, b in self.host_rows],
+                "need_bytes": int(self.need), "available_bytes": self.available, "fits": self.fits}
+
     def table(self) -> str:
-        lines = [f"# memory plan per {self.device} ({self.processes} per node), model {self.shape.params / 1e9:.2f}B "
-                 f"parameters from {self.source}:"]
+        s = self.shape
+        active = f" ({s.active_params / 1e9:.2f}B active per token: {s.experts_per_token} of {s.experts} experts)" \
+            if s.experts else ""
+        lines = [f"# memory plan per {self.device} ({self.processes} per node), model {s.params / 1e9:.2f}B "
+                 f"parameters{active} from {self.source}:"]
         lines += [f"#   {name:<38} {gib(b):>10}" for name, b in self.rows]
         here = gib(self.available) if self.available else "no GPU" if self.device == "GPU" else "unknown"
         lines.append(f"#   {'total':<38} {gib(self.need):>10}   (this machine: {here})")
@@ -237,7 +142,7 @@ def estimate(r, processes: int, nodes: int, gpus: list[dict], ds_config: dict | 
         bits = r.quantization_bit
         if bits:  # bitsandbytes quantizes the decoder's linear layers; embeddings, head and norms stay in half
             per = 0.5 + 4 / 64 * (0.25 if r.double_quantization else 1) if bits == 4 else 1.0  # + block scales
-            linear = shape.layers * sum(i * o for i, o in shape.linears)
+            linear = shape.quantizable
             base = (per * linear + half * (p - linear)) / (world if stage == 3 else 1)
         else:
             base = half * p / (world if stage == 3 else 1)

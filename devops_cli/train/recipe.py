@@ -22,6 +22,7 @@ REQUIRED = "<required>"
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")  # LLaMA-Factory's names (train/mix.py)
 STAGES = ("pt", "sft", "dpo")
 PREF_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo", "kto")
+TEMPLATES = ("auto", "chatml", "default")
 BUNDLED_DATA = "bundled"  # dataset_dir value meaning the sample data shipped in the package
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -44,7 +45,12 @@ class Recipe:
     attn_implementation: str | None = _k(None, "sdpa | eager | flash_attention_2 (default: transformers')")
     dataset: str = _k(REQUIRED, "comma list of dataset names from dataset_info.json")
     dataset_dir: str = _k(BUNDLED_DATA, "folder holding dataset_info.json ('bundled' = sample data)")
-    template: str = _k("chatml", "sft prompt format", ("chatml", "default"))
+    template: str = _k("auto", "sft/dpo chat format: auto (the model's own chat template, Qwen3's thinking one "
+                       "included; ChatML when the tokenizer has none), chatml (plain ChatML even when the tokenizer "
+                       "ships another), default (LLaMA-Efficient-Tuning's)", TEMPLATES)
+    enable_thinking: bool = _k(True, "sft/dpo on templates with a thinking switch (Qwen3): true trains answers with "
+                               "their reasoning, or the empty think block when they have none; false removes "
+                               "reasoning and puts the empty think block in the prompt")
     system_prompt: str | None = _k(None, "system message (chatml default: 'You are a helpful assistant.')")
     max_source_length: int = _k(1024, "pt: block size; sft: max prompt tokens per turn")
     max_target_length: int = _k(1024, "sft: max answer tokens per turn")
@@ -335,6 +341,9 @@ def value_problems(r: Recipe) -> list[DevopsError]:
         for key in QUANT_KEYS:
             if key in r.origin:
                 bad(key, f"{key} is set but quantization_bit is not", "set quantization_bit: 4, or drop the key")
+    if r.stage == "pt" and "enable_thinking" in r.origin:
+        bad("enable_thinking", "enable_thinking is set but stage is pt (pt reads plain text, no chat template)",
+            "drop the key")
     if r.stage != "dpo":
         for key in PREF_KEYS:
             if key in r.origin:

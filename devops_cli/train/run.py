@@ -124,6 +124,9 @@ def _collator(r: Recipe, args, model, train_set, tokenizer):
     padded = packing.collator(tokenizer, False, r.attn_implementation)
     if r.stage != "sft" or not r.packing:
         return padded
+    if (why := packing.unsupported(model.config)) is not None:
+        info(f"sft batches: padded to the longest example, not padding-free: {why}")
+        return padded
     packed = packing.collator(tokenizer, True, r.attn_implementation)
     # transformers builds the block mask from restarting position ids only when the forward has no KV
     # cache, and its models make one whenever config.use_cache is on, in training too (5.24): then the
@@ -207,6 +210,10 @@ def run(r: Recipe) -> dict:
     if lora:
         model = modeling.add_lora(model, r.lora_rank, r.lora_alpha, r.lora_dropout, r.lora_target,
                                   r.gradient_checkpointing)
+        from devops_cli.train.moe import describe_adapter
+
+        if (line := describe_adapter(model)) is not None:
+            info(line)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     kind = f"QLoRA {r.quantization_bit}-bit {r.quantization_type if r.quantization_bit == 4 else 'int8'}" \
@@ -218,7 +225,7 @@ def run(r: Recipe) -> dict:
         trainer = preference.trainer(r, args, model, train_set, eval_set, tokenizer, callbacks)
     else:
         collator = _collator(r, args, model, train_set, tokenizer)
-        if r.stage == "sft":
+        if r.stage == "sft" and (packing.is_packed(collator) or packing.unsupported(model.config) is None):
             info("sft batches: " + ("padding-free (examples packed, attention kept within each)" if packing.is_packed(collator)
                                     else "padded to the longest example"))
         trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,

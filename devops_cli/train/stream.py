@@ -34,7 +34,7 @@ def build(recipe: Recipe, tokenizer):
     from devops_cli.train import mix
 
     eos = tokenizer.eos_token_id
-    renderer = data.Renderer(tokenizer, recipe.template, recipe.system_prompt) if recipe.stage == "sft" else None
+    renderer = data.make_renderer(tokenizer, recipe) if recipe.stage == "sft" else None
     parts = []
     for name in recipe.datasets:
         entry = dataset_info.resolve(name, recipe.dataset_dir, recipe.stage, recipe.where("dataset"))
@@ -63,14 +63,15 @@ def build(recipe: Recipe, tokenizer):
         out = {"input_ids": [], "labels": []}
         for i, messages in enumerate(batch["messages"]):
             try:
-                input_ids, labels, _ = data.encode_sft(renderer, messages, recipe.max_source_length, recipe.max_target_length)
+                examples = data.encode_examples(renderer, messages, recipe.max_source_length, recipe.max_target_length)
             except ValueError:
                 continue
-            if any(t != data.IGNORE for t in labels):
-                out["input_ids"].append(input_ids)
-                out["labels"].append(labels)
-                if mix.SOURCE in batch:
-                    mix.count(report.mix, recipe.datasets, [batch[mix.SOURCE][i]], [len(input_ids)])
+            for input_ids, labels, _ in examples:
+                if any(t != data.IGNORE for t in labels):
+                    out["input_ids"].append(input_ids)
+                    out["labels"].append(labels)
+                    if mix.SOURCE in batch:
+                        mix.count(report.mix, recipe.datasets, [batch[mix.SOURCE][i]], [len(input_ids)])
         return out
 
     tag = [mix.SOURCE] if len(parts) > 1 else []

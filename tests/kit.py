@@ -95,3 +95,42 @@ class Served:
     def __exit__(self, *exc):
         self.stop()
         return False
+
+
+def scripted_model(src: str | Path, out: str | Path, after: dict[str, str]) -> Path:
+    """A copy of the tiny model at `src` whose greedy continuation is fixed by its weights: for each
+    `prompt end -> text` of `after`, a prompt ending in that token continues with the tokens of `text`
+    (each token of a script must be unique across all scripts). Every attention and MLP output is
+    zeroed, so a position's logits depend on its own token only, and the (untied) LM head maps each
+    token of a script to the next. The model runs every real generation path (continuous batching,
+    the decode loop, detokenization); only what it says is decided. Returns `out`."""
+    import torch
+
+    from devops_cli.modeling import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(src))
+    model = load_model(str(src), torch.float32)
+    successor: dict[int, int] = {}
+    for end, text in after.items():
+        ids = tok(end, add_special_tokens=False).input_ids[-1:] + tok(text, add_special_tokens=False).input_ids
+        for a, b in zip(ids, ids[1:]):
+            if successor.setdefault(a, b) != b:
+                raise ValueError(f"token {tok.convert_ids_to_tokens(a)!r} has two successors in {after}")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        states = model.model.norm(model.model.embed_tokens.weight)  # what the LM head sees after each token
+        head = torch.zeros_like(model.lm_head.weight)
+        for a, b in successor.items():
+            head[b] += 50 * states[a] / states[a].norm()
+        model.lm_head.weight = torch.nn.Parameter(head)
+    model.config.tie_word_embeddings = False
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    import shutil
+
+    for name in ("generation_config.json",):
+        if (Path(src) / name).is_file():
+            shutil.copy(Path(src) / name, Path(out) / name)
+    return Path(out)

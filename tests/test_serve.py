@@ -128,7 +128,7 @@ def test_errors_have_openai_shape_and_status(server, client):
 
 def test_api_key_and_the_busy_server(tiny_model):
     with Served("--model", str(tiny_model), "--served-model-name", "tiny", "--api-key", KEY,
-                "--max-concurrent", "1", "--max-queue", "0") as s:
+                "--max-concurrent", "1", "--max-queue", "0", "--kv-cache-tokens", "8192") as s:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=s.base, api_key="wrong-key-123", max_retries=0).models.list()
         status, _ = post(s.base + "/chat/completions", {"model": "tiny", "messages": []})

@@ -34,6 +34,7 @@ def chat(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps", rich_help_panel="Model")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", rich_help_panel="Model")] = False,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="tokens, seconds and tokens/s after each reply")] = True,
+    think: Annotated[bool | None, typer.Option("--think/--no-think", help="thinking models: think before answering, or answer at once (default: the template's; /think, /no_think in the chat)", show_default=False, rich_help_panel="Generation")] = None,
     url: Annotated[str | None, typer.Option("--url", help="an OpenAI-compatible server instead of local weights: http://host:8000/v1", show_default=False, rich_help_panel="Server")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", help="the server's key (default: $DEVOPS_MODEL_API_KEY)", show_default=False, rich_help_panel="Server")] = None,
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="the server's model name (default: the first it lists)", show_default=False, rich_help_panel="Server")] = None,
@@ -64,6 +65,8 @@ def chat(
         session = _remote(url, api_key, served_model_name or model, adapter, system, overrides, seed, max_window)
     else:
         session = _session(model, adapter, system, overrides, seed, max_window, dtype, device, trust_remote_code)
+    if think is not None:
+        session.think(think)
     if interactive:
         from devops_cli.chat.repl import Repl
 
@@ -193,11 +196,13 @@ def _answer(session, prompt: str | None, piped: str | None, json_output: bool, s
         message = loginput.attach(message, log)
     if json_output:
         reply = session.send(message, None, _dropped)
-        print(json.dumps({"reply": reply.text, "prompt_tokens": reply.prompt_tokens,
-                          "completion_tokens": reply.completion_tokens, "seconds": round(reply.seconds, 3)},
-                         ensure_ascii=False))
+        out = {"reply": reply.text if reply.answer is None else reply.answer}
+        if reply.reasoning is not None:
+            out["reasoning"] = reply.reasoning
+        print(json.dumps({**out, "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                          "seconds": round(reply.seconds, 3)}, ensure_ascii=False))
     else:
-        with ReplyView(console) as view:
+        with ReplyView(console, thinking=session.thinking, in_think=lambda: session.prompt_opens_thinking) as view:
             reply = session.send(message, view.update, _dropped)
         if stats:
             err_console.print(f"[dim]{reply.prompt_tokens} prompt tokens · {reply.completion_tokens} tokens · "

@@ -52,10 +52,12 @@ def processors(settings: dict, prompt_len: int, stop_ids: list[int]):
     return out
 
 
-def stream(model, input_ids: torch.Tensor, settings: dict, stop_ids: list[int], put, stopped, scores=None) -> None:
+def stream(model, input_ids: torch.Tensor, settings: dict, stop_ids: list[int], put, stopped, scores=None,
+           generator=None) -> None:
     """Decode after `input_ids` (1, n): put(token_id) for every new token, up to max_new_tokens or a
     stop id (which is put too); `stopped()` is asked after every token. `scores`: a list that gets
-    every step's processed logits. Call under inference_mode."""
+    every step's processed logits. `generator`: the torch.Generator sampling draws from (default:
+    torch's global one). Call under inference_mode."""
     from transformers import DynamicCache
 
     n = input_ids.shape[1]
@@ -75,7 +77,7 @@ def stream(model, input_ids: torch.Tensor, settings: dict, stop_ids: list[int], 
             logits = chain(seq[:, : n + step], logits)
         if scores is not None:
             scores.append(logits)
-        token = torch.multinomial(logits.softmax(-1), 1) if sample else logits.argmax(-1, keepdim=True)
+        token = torch.multinomial(logits.softmax(-1), 1, generator=generator) if sample else logits.argmax(-1, keepdim=True)
         seq[:, n + step] = token[:, 0]
         token_id = token.item()
         put(token_id)

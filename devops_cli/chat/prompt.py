@@ -39,22 +39,27 @@ class PromptEncoder:
         self._ids_cache[(True, content)] = self.tokenizer(content, add_special_tokens=False,
                                                           split_special_tokens=True).input_ids
 
-    def encode(self, messages: list[dict]) -> tuple[str, list[int]]:
+    def encode(self, messages: list[dict], **template_kwargs) -> tuple[str, list[int]]:
         """Rendered prompt text and its ids: template text encoded normally, message content with
         special tokens split (Qwen v1 encodes role, newline and content separately the same way).
 
         The template is rendered once per sequence of roles, with each content replaced by a mark;
         the text between marks and every content but the last (the new message) are tokenized once
         and then looked up, so a turn costs the tokenization of the new message only. The ids are
-        the same as tokenizing every piece afresh."""
+        the same as tokenizing every piece afresh. `template_kwargs` go to the template (Qwen3's
+        enable_thinking)."""
         tok = self.tokenizer
-        key = (tok.chat_template, tuple(m["role"] for m in messages))
+        if "</think>" in (tok.chat_template or ""):
+            messages = [think_split(m) for m in messages]
+        key = (tok.chat_template, tuple(m["role"] for m in messages),
+               tuple(sorted(template_kwargs.items())), tuple(m.get("reasoning_content") or "" for m in messages))
         skeleton = self._skeletons.get(key)
         if skeleton is None:
             marks = [f"\x00{i}\x00" for i in range(len(messages))]
             masked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
             try:
-                rendered = tok.apply_chat_template(masked, tokenize=False, add_generation_prompt=True)
+                rendered = tok.apply_chat_template(masked, tokenize=False, add_generation_prompt=True,
+                                                   **template_kwargs)
                 if not all(rendered.count(mark) == 1 for mark in marks):  # the template transforms content
                     rendered = False
                 else:
@@ -69,9 +74,12 @@ class PromptEncoder:
             if len(self._skeletons) > 64:
                 self._skeletons.clear()
             skeleton = self._skeletons[key] = rendered
-        if skeleton is False:
+        if skeleton is False or ("<tool_response>" in (tok.chat_template or "")
+                                 and any("<tool_response>" in (m["content"] or "") for m in messages)):
+            # the template transforms contents, or reads them (Qwen3 tells tool results from questions)
             try:
-                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                               **template_kwargs)
             except Exception as e:
                 raise DevopsError(
                     f"the chat template of '{self.model_name}' failed: {first_line(e)}") from None
@@ -102,6 +110,18 @@ class PromptEncoder:
             ids += lookup(rest, False)
         self._ids_cache = cache  # only what this prompt used: the cache never outgrows one prompt
         return "".join(pieces) + rest, ids
+
+
+def think_split(message: dict) -> dict:
+    """An assistant message whose content holds its reasoning (`<think>…</think>answer`) as a thinking
+    template reads it (Qwen3's own split): reasoning_content and content apart, so that contents are
+    rendered as written and can be encoded apart from the template text."""
+    content = message.get("content")
+    if message.get("role") != "assistant" or not isinstance(content, str) or "</think>" not in content \
+            or message.get("reasoning_content") is not None:
+        return message
+    reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+    return {**message, "reasoning_content": reasoning, "content": content.split("</think>")[-1].lstrip("\n")}
 
 
 def _as_list(value) -> list:

@@ -5,6 +5,7 @@ estimates (4 characters a token) and the counts after it are the server's own `u
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import time
@@ -68,6 +69,7 @@ class RemoteSession(ChatSession):
 
     def __post_init__(self):
         self.url = self.url.rstrip("/")
+        self.seed_given = self.seed is not None  # sent only then: a server may serve seeded requests apart
         if self.seed is None:
             self.seed = random.randrange(2**31)
         listed = models(self.url, self.api_key)
@@ -80,10 +82,22 @@ class RemoteSession(ChatSession):
         self.context = int(entry.get("max_model_len") or 32768)
         self.stop_ids = []
         self.decoder = f"remote ({self.url})"
+        self.thinking = True  # the server says: a reply with reasoning_content, /think and /no_think sent on
+        self.prompt_opens_thinking = False  # the reply is rebuilt as <think>reasoning</think>content
         self._messages: list[dict] = []
 
     def describe(self) -> dict:
         return {**super().describe(), "server": self.url}
+
+    def set(self, name: str, text: str) -> str:
+        if name != "seed":
+            return super().set(name, text)
+        try:
+            self.seed = int(text)
+        except ValueError:
+            raise DevopsError(f"seed must be an integer, got '{text}'") from None
+        self.seed_given = True
+        return f"seed = {self.seed}"
 
     def encode(self, messages: list[dict]) -> tuple[str, list[int]]:
         self._messages = messages  # the last prompt prepare() settled on is the one sent
@@ -99,36 +113,57 @@ class RemoteSession(ChatSession):
     def _generate(self, ids: list[int], on_text, start: float) -> Reply:
         s = self.settings
         body = {"model": self.model_name, "messages": self._messages, "stream": True,
-                "stream_options": {"include_usage": True}, "max_tokens": s["max_new_tokens"], "seed": self.seed}
+                "stream_options": {"include_usage": True}, "max_tokens": s["max_new_tokens"]}
+        if self.seed_given:
+            body["seed"] = self.seed
+        if self.enable_thinking is not None:  # vLLM's and devops-model serve's switch
+            body["chat_template_kwargs"] = {"enable_thinking": self.enable_thinking}
         if "temperature" in s:
             body["temperature"] = s["temperature"] if s.get("do_sample", True) else 0.0
         if "top_p" in s:
             body["top_p"] = s["top_p"]
-        text, first, usage, stopped = "", None, {}, False
+        text, first, usage, stopped, done, thinking = "", None, {}, False, False, False
         response = _request(self.url + "/chat/completions", self.api_key, body, timeout=600)
         try:
             for raw in response:
-                line = raw.decode("utf-8").strip()
+                line = raw.decode("utf-8", errors="replace").strip()
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
-                chunk = json.loads(data)
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    raise DevopsError(f"{self.url}: the server sent a line that is not JSON: {data[:80]!r}") from None
                 if chunk.get("error"):
-                    raise DevopsError(f"{self.url}: {chunk['error'].get('message')}")
+                    raise DevopsError(f"{self.url}: the answer failed after {len(text)} characters: "
+                                      f"{chunk['error'].get('message')}")
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
-                    delta = (choice.get("delta") or {}).get("content")
-                    if delta:
+                    delta, piece = choice.get("delta") or {}, ""
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                    if reasoning:  # rebuilt as the model wrote it: the session splits it as a local reply
+                        piece, thinking = piece + ("" if thinking else "<think>\n") + reasoning, True
+                    if delta.get("content"):
+                        piece += ("\n</think>\n\n" if thinking else "") + delta["content"]
+                        thinking = False
+                    if piece:
                         if first is None:
                             first = time.perf_counter() - start
-                        text += delta
+                        text += piece
                         if on_text is not None:
-                            on_text(delta, text)
+                            on_text(piece, text)
         except KeyboardInterrupt:
             stopped = True  # closing the stream cancels the request on the server
+        except (OSError, http.client.HTTPException) as e:  # the connection broke (the server died)
+            raise DevopsError(f"{self.url}: the connection broke after {len(text)} characters of the answer "
+                              f"({type(e).__name__}); the answer is incomplete", hint="check the server") from None
         finally:
             response.close()
+        if not done and not stopped:
+            raise DevopsError(f"{self.url}: the server ended the answer after {len(text)} characters without "
+                              "finishing it (no [DONE]); the answer is incomplete", hint="check the server")
         return Reply(text, usage.get("prompt_tokens", len(ids)), usage.get("completion_tokens", 0),
                      time.perf_counter() - start, first, stopped=stopped)

@@ -4,6 +4,9 @@ On a terminal: Markdown with highlighted code blocks (rich). Finished blocks (up
 outside a code fence) are printed once and stay; only the block being written lives in a rich Live
 region, so long replies never repaint the whole screen. Without a terminal: the plain text, as it
 arrives, flushed — pipes and files get exactly the reply.
+
+A thinking model's reasoning (its `<think>` block, chat/thinking.py) is shown dimmed above the
+answer on a terminal; pipes and files get the answer only.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class _Pending:
 
     def __init__(self, console: Console):
         self.text = ""
+        self.dim = False  # reasoning: plain dimmed text, not Markdown
         self.console = console
 
     def __rich_console__(self, console, options):
@@ -53,7 +57,9 @@ class _Pending:
             return
         width = max(options.max_width, 20)
         room = max(self.console.height - 4, 4)
-        if len(text) > room * width * 2:  # very long: the tail as plain text is all that can show
+        if self.dim:
+            renderable = Text(text[-room * width:], style="dim")
+        elif len(text) > room * width * 2:  # very long: the tail as plain text is all that can show
             renderable = Text(text[-room * width:], style="dim")
         else:
             renderable = Markdown(text)
@@ -64,14 +70,20 @@ class _Pending:
 
 
 class ReplyView:
-    """Context manager for one reply: `view.update(delta, full_text)` as text arrives."""
+    """Context manager for one reply: `view.update(delta, full_text)` as text arrives. `thinking`: the
+    text may open with a think block; `in_think()`, asked at the first text: the prompt opened it."""
 
-    def __init__(self, console: Console, markdown: bool | None = None, out=None):
+    def __init__(self, console: Console, markdown: bool | None = None, out=None, thinking: bool = False,
+                 in_think=lambda: False):
         self.console = console
         self.markdown = console.is_terminal if markdown is None else markdown
         self.out = out or sys.stdout
-        self.done = 0  # characters of the reply already printed for good
-        self.full = ""
+        self.done = 0  # characters of the answer already printed for good
+        self.full = ""  # the answer so far
+        self.reasoning = ""
+        self.thinking, self.in_think = thinking, in_think
+        self.splitter = None
+        self._thought_shown = False
         self.live: Live | None = None
         self.pending = _Pending(console)
 
@@ -83,7 +95,32 @@ class ReplyView:
         return self
 
     def update(self, delta: str, full: str) -> None:
-        self.full = full
+        if not self.thinking:
+            return self._answer(delta)
+        if self.splitter is None:
+            from devops_cli.chat.thinking import Splitter
+
+            self.splitter = Splitter(self.in_think())
+        for kind, text in self.splitter.add(delta):
+            (self._think if kind == "reasoning" else self._answer)(text)
+
+    def _think(self, text: str) -> None:
+        self.reasoning += text
+        if self.markdown:
+            self.pending.text, self.pending.dim = self.reasoning, True
+
+    def _thought(self) -> None:
+        """The reasoning is over: printed for good, dimmed, above the answer."""
+        if self.reasoning and not self._thought_shown and self.markdown:
+            self.pending.text, self.pending.dim = "", False
+            self.live.console.print(Text(self.reasoning.strip("\n"), style="dim"))
+            self.live.console.print()
+        self._thought_shown = True
+
+    def _answer(self, delta: str) -> None:
+        self._thought()
+        self.full += delta
+        full = self.full
         if not self.markdown:
             self.out.write(delta)
             self.out.flush()
@@ -97,6 +134,10 @@ class ReplyView:
         self.pending.text = full[self.done:]
 
     def __exit__(self, *exc) -> None:
+        if self.splitter is not None:
+            for kind, text in self.splitter.finish():
+                (self._think if kind == "reasoning" else self._answer)(text)
+            self._thought()
         if not self.markdown:
             if self.full and not self.full.endswith("\n"):
                 self.out.write("\n")

@@ -30,11 +30,13 @@ HELP = [
     ("/history", "the turns so far (those that left the window are marked)"),
     ("/prompt", "the exact prompt of the last reply, as the model saw it"),
     ("/regen", "answer the last question again"),
+    ("/think, /no_think", "thinking models: think before answering, or answer at once (enable_thinking)"),
     ("/save FILE [--force]", "write the transcript: FILE.json as JSON, else Markdown (secrets redacted)"),
     ("/load FILE", "resume a saved transcript"),
     ("/exit", "leave (Ctrl-D works too)"),
 ]
-COMMANDS = ["help", "clear", "system", "set", "history", "prompt", "regen", "save", "load", "exit", "quit", "bye"]
+COMMANDS = ["help", "clear", "system", "set", "history", "prompt", "regen", "think", "no_think", "save", "load", "exit",
+            "quit", "bye"]
 
 
 def history_file() -> Path:
@@ -141,7 +143,8 @@ class Repl:
              "the model no longer sees them (/history shows which)")
 
     def answer(self, generate) -> None:
-        with ReplyView(console) as view:
+        s = self.session
+        with ReplyView(console, thinking=s.thinking, in_think=lambda: s.prompt_opens_thinking) as view:
             reply = generate(view.update)
         if reply.stopped:
             console.print("[yellow]⏹ reply stopped[/] [dim](kept in the history; /regen answers again)[/]")
@@ -202,6 +205,12 @@ class Repl:
         console.print(f"[dim]last prompt: {s.last_prompt_tokens} tokens (window {s.window()})[/]")
         console.print(s.last_prompt, markup=False, highlight=False, soft_wrap=True)
         console.print("[dim]end of prompt[/]")
+
+    def cmd_think(self, arg: str) -> None:
+        console.print(f"[dim]{escape(self.session.think(True))}[/]")
+
+    def cmd_no_think(self, arg: str) -> None:
+        console.print(f"[dim]{escape(self.session.think(False))}[/]")
 
     def cmd_regen(self, arg: str) -> None:
         self.answer(lambda on_text: self.session.regen(on_text, self.dropped))

@@ -18,9 +18,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
-from devops_cli.chat.prompt import PromptEncoder, context_length, stop_ids
+from devops_cli.chat.prompt import PromptEncoder, context_length, stop_ids, think_split
 from devops_cli.chat.settings import SETTINGS, parse_setting
 from devops_cli.chat.textstream import TextStream
+from devops_cli.chat.thinking import is_thinking, opens_thinking, split
 from devops_cli.errors import DevopsError, first_line
 
 _FRAME = 0.02  # seconds between text updates while streaming
@@ -45,6 +46,8 @@ class Reply:
     first_token_seconds: float | None
     dropped: int = 0  # turns that left the window for this reply
     stopped: bool = False
+    reasoning: str | None = None  # a thinking model's think block (None: it did not think)
+    answer: str | None = None  # the reply without its think block (None: all of `text`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -85,6 +88,7 @@ class ChatSession:
     seed: int | None = None
     max_window: int | None = None  # prompt tokens the model may see; None = context - max_new_tokens
     adapter: str | None = None
+    enable_thinking: bool | None = None  # thinking templates: /think, /no_think; None = the template's default
     turns: list[Turn] = field(default_factory=list)
     first_in_window: int = 0  # turns before this index have left the window
     last_prompt: str = ""
@@ -98,6 +102,8 @@ class ChatSession:
             self.seed = random.randrange(2**31)
         torch.manual_seed(self.seed)
         self.prompts = PromptEncoder(self.tokenizer, self.model_name)
+        self.thinking = is_thinking(self.tokenizer)
+        self.prompt_opens_thinking = False  # the last prompt ends inside an open think block
         self.stop_ids = stop_ids(self.model, self.tokenizer)
         self.context = context_length(self.model.config)
         if self.settings.get("max_new_tokens", 0) > self.context - 16:  # a generation_config asking for more
@@ -147,7 +153,21 @@ class ChatSession:
         return value
 
     def describe(self) -> dict:
-        return {**self.settings, "seed": self.seed, "max_window": self.window(), "decoder": self.decoder}
+        out = {**self.settings, "seed": self.seed, "max_window": self.window(), "decoder": self.decoder}
+        if self.thinking:
+            out["thinking"] = {None: "the template's default", True: "on", False: "off"}[self.enable_thinking]
+        return out
+
+    def think(self, on: bool) -> str:
+        """/think, /no_think: a thinking template renders the next prompts with enable_thinking on/off."""
+        if not self.thinking:
+            raise DevopsError(f"the chat template of '{self.model_name}' has no thinking switch",
+                              hint="/think and /no_think work with thinking models (Qwen3's template)")
+        self.enable_thinking = on
+        return f"thinking {'on' if on else 'off'} (from the next reply)"
+
+    def template_kwargs(self) -> dict:
+        return {"enable_thinking": self.enable_thinking} if self.thinking and self.enable_thinking is not None else {}
 
     # --- prompt ----------------------------------------------------------------------------------
     def messages(self, user: str, start: int | None = None) -> list[dict]:
@@ -157,7 +177,7 @@ class ChatSession:
         return msgs + [{"role": "user", "content": user}]
 
     def encode(self, messages: list[dict]) -> tuple[str, list[int]]:
-        return self.prompts.encode(messages)
+        return self.prompts.encode(messages, **self.template_kwargs())
 
     def prompt_tokens(self, messages: list[dict]) -> int:
         return len(self.encode(messages)[1])
@@ -188,15 +208,20 @@ class ChatSession:
         the reply; what was generated so far is kept."""
         start = time.perf_counter()
         text, ids, dropped = self.prepare(user)
+        self.prompt_opens_thinking = self.thinking and opens_thinking(text)
         if dropped and on_drop is not None:
             on_drop(dropped, self.window())
         reply = self._generate(ids, on_text, start)
         reply.dropped = dropped
+        if self.thinking:
+            reply.reasoning, reply.answer = split(reply.text, self.prompt_opens_thinking)
         self.last_prompt, self.last_prompt_tokens = text, len(ids)
         self.turns.append(Turn(user, reply.text, reply.prompt_tokens, reply.completion_tokens,
                                round(reply.seconds, 3), reply.stopped))
         if reply.text:  # tokenized now, while the user reads, instead of in the next turn's TTFT
-            self.remember(reply.text)
+            # (as the next prompt holds it: a thinking template drops the think block of earlier turns)
+            self.remember(think_split({"role": "assistant", "content": reply.text})["content"] if self.thinking
+                          else reply.text)
         return reply
 
     def remember(self, text: str) -> None:

@@ -1,33 +1,29 @@
 """The FastAPI app of `serve`: OpenAI's /v1 routes over an engine (engine.py), /health, /metrics and
 the chat page at /. The model loads after the socket is open: until it has, /health and /v1 answer
-503. Keys are compared in constant time; bodies over the limit get 413; prompts are logged only when
-asked."""
+503; a model that fails to load stops the server (exit 2, one line). Every answer that is not a
+success is OpenAI's error JSON, FastAPI's own 404/405 and unparseable bodies included. A request is
+checked whole (api.py) and against the engine's limits before it is admitted; admission counts it in
+the same step as the check, so --max-concurrent + --max-queue hold however requests arrive. Keys are
+compared in constant time; bodies over the limit get 413; prompts are logged only when asked."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import sys
-import time
-import uuid
+import traceback
 from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
 
-from devops_cli.chat.textstream import TextStream
-from devops_cli.serve.api import ChatRequest, CompletionRequest, error_body, validation_message
-from devops_cli.serve.engine import Job
+from devops_cli.serve.api import ChatRequest, CompletionRequest, error_body, parse, validation_message
+from devops_cli.serve.errors import ApiError
 from devops_cli.serve.metrics import Metrics
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, kind, param, code)
+from devops_cli.serve.middleware import BodyLimit, KeyCheck, route_label
+from devops_cli.serve.respond import ReplySplit, make_job, respond
 
 
 @dataclass
@@ -40,6 +36,8 @@ class Loaded:
     defaults: dict  # generation settings, as chat has them
     system: str
     engine: object
+    vocab: int = 1 << 62
+    thinking: bool = False  # the template writes think blocks: replies are split into reasoning and content
 
 
 @dataclass
@@ -52,10 +50,53 @@ class Server:
     max_body: int = 4 << 20
     log_prompts: bool = False
     cors_origins: list[str] = field(default_factory=list)
+    drain_s: float = 8.0  # after SIGTERM, requests still generating are cut (with an error event) after this
     loaded: Loaded | None = None
-    failed: str | None = None
+    failed: str | None = None  # why the server stopped serving (the model did not load, the engine failed)
+    exit_code: int = 0
+    stopping: bool = False
     in_flight: int = 0
+    live: set = field(default_factory=set)  # engine jobs generating now
+    stop: object = None  # () -> None: ends the HTTP server (command.py sets it)
     metrics: Metrics = field(default_factory=Metrics)
+
+    def admit(self) -> Slot:
+        """A place for one more request, counted now (no await between the check and the count)."""
+        if self.stopping:
+            raise ApiError(503, "the server is shutting down; retry on another replica", "server_error",
+                           code="server_shutdown")
+        if self.in_flight >= self.max_concurrent + self.max_queue:
+            raise ApiError(429, f"the server is busy: {self.in_flight} requests in flight (--max-concurrent "
+                           f"{self.max_concurrent} + --max-queue {self.max_queue}); retry later", "rate_limit_error")
+        self.in_flight += 1
+        return Slot(self)
+
+    def die(self, why: str, code: int) -> None:
+        """Stop serving for good: /health fails at once, the process exits `code` with `why`."""
+        if self.failed is None:
+            self.failed, self.exit_code = why, code
+        if self.stop is not None:
+            self.stop()
+
+    def begin_shutdown(self) -> None:
+        """The HTTP server is draining: refuse new requests, cut those still generating after drain_s."""
+        if not self.stopping:
+            self.stopping = True
+            asyncio.get_running_loop().call_later(self.drain_s, self._cut)
+
+    def _cut(self) -> None:
+        for job in list(self.live):
+            job.abort("the server is shutting down")
+
+
+class Slot:
+    def __init__(self, server: Server):
+        self.server, self.held = server, True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.server.in_flight -= 1
 
 
 def create_app(server: Server) -> FastAPI:
@@ -70,9 +111,9 @@ def create_app(server: Server) -> FastAPI:
             await asyncio.to_thread(server.loaded.engine.close)
 
     app = FastAPI(title="devops-model", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    # plain ASGI middleware (Starlette's BaseHTTPMiddleware costs a task and a stream per chunk); the
-    # last added runs first: CORS answers preflights before the key check, the key check before the body
-    app.add_middleware(BodyLimit, limit=server.max_body)
+    # plain ASGI middleware; the last added runs first: CORS answers preflights before the key check,
+    # the key check before the body
+    app.add_middleware(BodyLimit, limit=server.max_body, server=server)
     app.add_middleware(KeyCheck, server=server)
     if server.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
@@ -80,23 +121,48 @@ def create_app(server: Server) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
 
+    def answer(request, status: int, body: dict, headers=None) -> JSONResponse:
+        server.metrics.requests.labels(route_label(request.url.path), str(status)).inc()
+        return JSONResponse(body, status_code=status, headers=headers)
+
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        server.metrics.requests.labels(request.url.path, str(e.status)).inc()
-        return JSONResponse(e.body, status_code=e.status)
+        return answer(request, e.status, e.body)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        where = f"{request.method} {request.url.path}"
+        if e.status_code == 404:
+            message = f"Invalid URL ({where})"
+        elif e.status_code == 405:
+            message = f"Method Not Allowed ({where}): use {(e.headers or {}).get('Allow', 'another method')}"
+        else:
+            message = str(e.detail)
+        return answer(request, e.status_code, error_body(message, code=None), e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
         message, param = validation_message(e.errors())
-        server.metrics.requests.labels(request.url.path, "400").inc()
-        return JSONResponse(error_body(message, param=param), status_code=400)
+        return answer(request, 400, error_body(message, param=param))
+
+    @app.exception_handler(Exception)
+    async def crashed(request, e: Exception):
+        print(f"error: {request.method} {request.url.path} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return answer(request, 500, error_body(f"internal error: {type(e).__name__}", "server_error",
+                                               code="internal_error"))
 
     @app.get("/health")
     async def health():
-        if server.loaded is None:
-            return JSONResponse({"status": "failed" if server.failed else "loading", "error": server.failed},
+        if server.stopping or server.failed:
+            return JSONResponse({"status": "failed" if server.failed else "stopping", "error": server.failed},
                                 status_code=503)
-        return {"status": "ok", "model": server.name, "engine": server.loaded.engine.name}
+        if server.loaded is None:
+            return JSONResponse({"status": "loading", "error": None}, status_code=503)
+        engine = server.loaded.engine
+        ok, state = engine.health()
+        body = {"status": "ok" if ok else state, "model": server.name, "engine": engine.name,
+                "restarts": getattr(engine, "restarts", 0)}
+        return body if ok else JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
     async def metrics():
@@ -113,17 +179,29 @@ def create_app(server: Server) -> FastAPI:
                                             "owned_by": "devops-model", "max_model_len": loaded.context}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(request: Request):
+        body = await _body(request, ChatRequest)
         loaded = _check(server, body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        messages = []
+        for m in body.messages:
+            message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.role == "assistant" and m.reasoning_content:
+                message["reasoning_content"] = m.reasoning_content
+            messages.append(message)
         if messages[0]["role"] != "system" and loaded.system:
             messages.insert(0, {"role": "system", "content": loaded.system})
-        _, ids = await asyncio.to_thread(loaded.prompts.encode, messages)
-        return await _respond(server, request, body, ids, "chat", messages[-1]["content"],
-                              body.max_completion_tokens or body.max_tokens)
+        kwargs = {k: v for k, v in (body.chat_template_kwargs.model_dump() if body.chat_template_kwargs else {}).items()
+                  if v is not None}
+        prompt, ids = await _encode(loaded, messages, kwargs)
+        job = make_job(loaded, body, ids, "chat", body.max_completion_tokens or body.max_tokens)
+        from devops_cli.chat.thinking import opens_thinking
+
+        split = ReplySplit(loaded.thinking, loaded.thinking and opens_thinking(prompt))
+        return await _admitted(server, request, body, job, "chat", messages[-1]["content"], split)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(request: Request):
+        body = await _body(request, CompletionRequest)
         loaded = _check(server, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -131,26 +209,60 @@ def create_app(server: Server) -> FastAPI:
         ids = (await asyncio.to_thread(loaded.tokenizer, prompts[0], add_special_tokens=False)).input_ids
         if not ids:
             raise ApiError(400, "prompt is empty", param="prompt")
-        return await _respond(server, request, body, ids, "text", prompts[0], body.max_tokens)
+        job = make_job(loaded, body, ids, "text", body.max_tokens)
+        return await _admitted(server, request, body, job, "text", prompts[0], None)
 
     return app
+
+
+async def _body(request: Request, model):
+    body, message, param = parse(model, await request.body())
+    if body is None:
+        raise ApiError(400, message, param=param)
+    return body
+
+
+async def _encode(loaded: Loaded, messages: list[dict], kwargs: dict) -> tuple[str, list[int]]:
+    from devops_cli.errors import DevopsError
+
+    try:
+        return await asyncio.to_thread(loaded.prompts.encode, messages, **kwargs)
+    except DevopsError as e:  # the model's own template refused these messages (e.g. Qwen3: no user message)
+        raise ApiError(400, f"the chat template cannot render these messages: {e.message}", param="messages") from None
+
+
+async def _admitted(server: Server, request: Request, body, job, kind: str, last: str, split):
+    slot = server.admit()
+    try:
+        if server.log_prompts:
+            print(f"prompt ({len(job.ids)} tokens): {last!r}", file=sys.stderr, flush=True)
+        return await respond(server, request, body, job, kind, slot, split)
+    except BaseException:
+        slot.release()
+        raise
 
 
 async def _load(server: Server) -> None:
     try:
         server.loaded = await server.load()
-    except Exception as e:  # noqa: BLE001 - said on /health and in the log, the server stays up to say it
+    except Exception as e:  # noqa: BLE001 - the process ends with it in one line (command.py)
         from devops_cli.errors import first_line
 
-        server.failed = first_line(e)
-        print(f"error: the model did not load: {server.failed}", file=sys.stderr, flush=True)
+        server.die(f"the model did not load: {first_line(e)}", 2)
+        return
+    engine = server.loaded.engine
+    if hasattr(engine, "on_failed"):
+        engine.on_failed = lambda why: server.die(why, 1)
+        engine.on_restart = server.metrics.engine_restarts.inc
 
 
 def _ready(server: Server) -> Loaded:
     if server.loaded is None:
         if server.failed:
-            raise ApiError(503, f"the model failed to load: {server.failed}", "server_error")
+            raise ApiError(503, f"the server is stopping: {server.failed}", "server_error")
         raise ApiError(503, "the model is still loading; retry when GET /health says ok", "server_error")
+    if server.failed:
+        raise ApiError(503, f"the server is stopping: {server.failed}", "server_error")
     return server.loaded
 
 
@@ -160,210 +272,3 @@ def _check(server: Server, model: str) -> Loaded:
         raise ApiError(404, f"the model '{model}' does not exist; this server serves '{server.name}'",
                        param="model", code="model_not_found")
     return loaded
-
-
-async def _respond(server: Server, request: Request, body, ids: list[int], kind: str, last: str, max_tokens):
-    loaded = server.loaded
-    d = loaded.defaults
-    window = loaded.context
-    max_new = max_tokens or min(d.get("max_new_tokens", 512), max(1, window - len(ids)))
-    if len(ids) + max_new > window:
-        raise ApiError(400, f"this request needs {len(ids)} prompt tokens + max_tokens {max_new}, more than the "
-                       f"model's {window}-token context; shorten the prompt or lower max_tokens",
-                       param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
-    if server.in_flight >= server.max_concurrent + server.max_queue:
-        raise ApiError(429, f"the server is busy: {server.in_flight} requests in flight (--max-concurrent "
-                       f"{server.max_concurrent} + --max-queue {server.max_queue}); retry later", "rate_limit_error")
-    sample = d.get("do_sample", False)
-    temperature = body.temperature if body.temperature is not None else (d.get("temperature", 1.0) if sample else 0.0)
-    top_k = body.top_k if body.top_k is not None else (d.get("top_k", 50) if sample else 0)
-    job = Job(ids, max_new, temperature=temperature, top_p=body.top_p or d.get("top_p", 1.0),
-              top_k=max(0, top_k), repetition_penalty=d.get("repetition_penalty", 1.0), seed=body.seed,
-              stop_ids=loaded.stop_ids)
-    if server.log_prompts:
-        print(f"prompt ({len(ids)} tokens): {last!r}", file=sys.stderr, flush=True)
-    generation = _Generation(server, job, body.stops())
-    rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-    path = request.url.path
-    if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_sse(generation, rid, server.name, kind, usage, path), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    async for _ in generation.run():
-        pass
-    server.metrics.requests.labels(path, "200").inc()
-    created = int(time.time())
-    if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": generation.text},
-                  "finish_reason": generation.finish, "logprobs": None}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": generation.text, "finish_reason": generation.finish, "logprobs": None}
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": server.name, "choices": [choice],
-            "usage": generation.usage()}
-
-
-class _Generation:
-    """One request through the engine: text deltas as whole characters, stop strings, counts, metrics."""
-
-    def __init__(self, server: Server, job: Job, stops: list[str]):
-        self.server, self.job, self.stops = server, job, stops
-        self.tokens: list[int] = []
-        self.text = ""
-        self.finish = "length"
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": len(self.job.ids), "completion_tokens": len(self.tokens),
-                "total_tokens": len(self.job.ids) + len(self.tokens)}
-
-    def _take(self, whole: str) -> str:
-        """The text `whole` adds to what was sent, cut at the first stop string."""
-        cut = min((i for i in (whole.find(s, max(0, len(self.text) - len(s))) for s in self.stops) if i >= 0),
-                  default=-1)
-        if cut >= 0:
-            whole, self.finish = whole[:cut], "stop"
-        delta, self.text = whole[len(self.text):], whole
-        return delta
-
-    async def run(self):
-        """Yields each new piece of text."""
-        server, loaded = self.server, self.server.loaded
-        m = server.metrics
-        start = time.perf_counter()
-        last = None
-        stop_ids = set(self.job.stop_ids)
-        server.in_flight += 1
-        m.waiting.inc()
-        waiting = True
-        text = TextStream(lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True))
-        try:
-            async for new in loaded.engine.stream(self.job):
-                now = time.perf_counter()
-                if waiting:
-                    m.waiting.dec()
-                    m.running.inc()
-                    waiting = False
-                    m.ttft.observe(now - start)
-                else:
-                    m.per_token.observe((now - last) / len(new))
-                last = now
-                self.tokens += new
-                if self.tokens[-1] in stop_ids:
-                    self.finish = "stop"
-                text.add([t for t in new if t not in stop_ids])
-                if self.finish == "stop":
-                    text.finish()
-                if delta := self._take(text.text):
-                    yield delta
-                if self.finish == "stop":
-                    break
-            else:  # the engine stopped at max_tokens: the rest, a held-back partial character too
-                text.finish()
-                if delta := self._take(text.text):
-                    yield delta
-        finally:
-            server.in_flight -= 1
-            (m.waiting if waiting else m.running).dec()
-            m.prompt_tokens.inc(len(self.job.ids))
-            m.completion_tokens.inc(len(self.tokens))
-
-
-async def _sse(generation: _Generation, rid: str, name: str, kind: str, usage: bool, path: str):
-    created = int(time.time())
-    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-    def chunk(delta: str | None, finish=None, role=False) -> str:
-        if kind == "chat":
-            d = {"role": "assistant", "content": delta or ""} if role else ({"content": delta} if delta is not None else {})
-            choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        body = {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice]}
-        if usage:
-            body["usage"] = None
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    status = "200"
-    try:
-        if kind == "chat":
-            yield chunk(None, role=True)
-        async for delta in generation.run():
-            yield chunk(delta)
-        yield chunk(None, generation.finish)
-        if usage:
-            body = {"id": rid, "object": obj, "created": created, "model": name, "choices": [],
-                    "usage": generation.usage()}
-            yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
-    except (asyncio.CancelledError, GeneratorExit):
-        status = "499"  # the client went away; the engine cancelled the request
-        raise
-    except Exception as e:  # noqa: BLE001 - the stream has begun: the error goes in it
-        status = "500"
-        yield f"data: {json.dumps(error_body(str(e), 'server_error'))}\n\n"
-    finally:
-        generation.server.metrics.requests.labels(path, status).inc()
-
-
-async def _send_json(send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
-
-
-class KeyCheck:
-    """ASGI middleware: with an API key set, /v1/ requests without 'Authorization: Bearer KEY' get 401
-    (compared in constant time)."""
-
-    def __init__(self, app, server: Server):
-        self.app, self.server = app, server
-
-    async def __call__(self, scope, receive, send):
-        key = self.server.api_key
-        if scope["type"] == "http" and key is not None and scope["path"].startswith("/v1/"):
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            token = given[7:] if given[:7].lower() == b"bearer " else b""
-            if not hmac.compare_digest(token, key.encode()):
-                self.server.metrics.requests.labels(scope["path"], "401").inc()
-                return await _send_json(send, 401, error_body(
-                    "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error",
-                    code="invalid_api_key"))
-        return await self.app(scope, receive, send)
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before the app reads it."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send):
-        await _send_json(send, 413, error_body(f"request body over {self.limit} bytes", param=None,
-                                               code="request_too_large"))
-
-
-class _TooLarge(Exception):
-    pass

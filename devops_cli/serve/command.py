@@ -4,14 +4,18 @@ it (/health says 503 until then) and serves until Ctrl-C / SIGTERM. No torch imp
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
 from devops_cli.errors import DevopsError
 from devops_cli.options import command, opt
 
+DRAIN_S = 8  # seconds SIGTERM lets requests finish before the rest are cut (with an error event)
+
 LOCAL = ("127.0.0.1", "localhost", "::1")
 ENGINES = ("auto", "hf", "serial", "vllm")
+MAX_BODY_MB = 1024
 
 
 @dataclass
@@ -52,8 +56,14 @@ def check(o: ServeOptions, where) -> None:
             raise DevopsError(f"{name} must be >= {1 if name == 'max_concurrent' else 0}", where("--" + name.replace("_", "-")))
     if o.kv_cache_tokens is not None and o.kv_cache_tokens < 256:
         raise DevopsError("kv_cache_tokens must be >= 256", where("--kv-cache-tokens"))
-    if o.max_body_mb <= 0:
-        raise DevopsError("max_body_mb must be > 0", where("--max-body-mb"))
+    if not (math.isfinite(o.max_body_mb) and 0 < o.max_body_mb <= MAX_BODY_MB):
+        raise DevopsError(f"max_body_mb {o.max_body_mb} is out of range", where("--max-body-mb"),
+                          f"use a number of MB in (0, {MAX_BODY_MB}]")
+    from devops_cli.modeling import DTYPES
+
+    if o.dtype != "auto" and o.dtype not in DTYPES:
+        raise DevopsError(f"'{o.dtype}' is not a dtype serve loads", where("--dtype"),
+                          f"choose auto | {' | '.join(DTYPES)}")
     if o.host not in LOCAL and not o.api_key:
         raise DevopsError(f"binding {o.host} without an API key would let anyone on the network use the model",
                           where("--host"), "set one: --api-key KEY or DEVOPS_MODEL_API_KEY=KEY (or bind 127.0.0.1)")
@@ -82,11 +92,20 @@ def serve(o: ServeOptions, where) -> None:
         if engine == "vllm" or (exe and vllm.cuda_present()):
             raise SystemExit(vllm.run(o, exe))
         engine = "hf"
+    _check_machine(o, where)
     sock = _bind(o.host, o.port)
     host, port = sock.getsockname()[:2]
     info(f"serving on http://{host if ':' not in host else f'[{host}]'}:{port} (OpenAI API under /v1, chat page "
          f"at /); {'API key required' if o.api_key else 'no API key (local only)'}; loading the model…")
     _run(o, engine, sock)
+
+
+def _check_machine(o: ServeOptions, where) -> None:
+    """The device and dtype exist here, before the socket opens (a server that cannot load its model
+    must not answer 503 forever)."""
+    from devops_cli.modeling import resolve_device, resolve_dtype
+
+    resolve_dtype(o.dtype, resolve_device(o.device, where("--device")))
 
 
 def _bind(host: str, port: int):
@@ -123,15 +142,32 @@ def _run(o: ServeOptions, engine: str, sock) -> None:
 
     server = Server(name=name, load=load, api_key=o.api_key, max_concurrent=o.max_concurrent, max_queue=o.max_queue,
                     max_body=int(o.max_body_mb * (1 << 20)), log_prompts=o.log_prompts,
-                    cors_origins=[s.strip() for s in (o.cors_origin or "").split(",") if s.strip()])
-    config = uvicorn.Config(create_app(server), log_level="info", timeout_graceful_shutdown=10,
+                    cors_origins=[s.strip() for s in (o.cors_origin or "").split(",") if s.strip()],
+                    drain_s=DRAIN_S)
+
+    class Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            server.begin_shutdown()  # new requests get 503; streams still running are cut after drain_s
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(create_app(server), log_level="info", timeout_graceful_shutdown=DRAIN_S + 2,
                             timeout_keep_alive=30, lifespan="on")
+    http = Uvicorn(config)
+    server.stop = lambda: setattr(http, "should_exit", True)
     # uvicorn drains on SIGINT/SIGTERM, then re-raises the signal to the handler it found: a no-op one
     # makes a drained shutdown exit 0 instead of dying of the signal
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    asyncio.run(http.serve(sockets=[sock]))
+    if server.failed:
+        raise (DevopsError if server.exit_code == 2 else EngineFailed)(server.failed)
     info("stopped")
+
+
+class EngineFailed(DevopsError):
+    """The batching engine died and its restart failed: exit 1, so that a supervisor restarts serve."""
+
+    exit_code = 1
 
 
 async def _load_model(o: ServeOptions, engine: str):
@@ -163,8 +199,13 @@ async def _load_model(o: ServeOptions, engine: str):
     check_ids = prompts.encode([{"role": "system", "content": system}, {"role": "user", "content": "Hello"}])[1]
     chosen = await start_engine(engine if engine == "serial" else "hf", model, stops, o.max_concurrent, check_ids,
                                 o.kv_cache_tokens)
-    info(f"ready: {base}{f' + {o.adapter}' if o.adapter else ''} on {model.device}, engine: {chosen.name}")
-    return Loaded(model, tok, prompts, stops, context_length(model.config), defaults, system, chosen)
+    from devops_cli.chat.thinking import is_thinking
+
+    thinking = is_thinking(tok)
+    info(f"ready: {base}{f' + {o.adapter}' if o.adapter else ''} on {model.device}, engine: {chosen.name}"
+         + ("; thinking template: replies split into reasoning_content and content" if thinking else ""))
+    return Loaded(model, tok, prompts, stops, context_length(model.config), defaults, system, chosen,
+                  vocab=int(model.config.get_text_config().vocab_size), thinking=thinking)
 
 
 serve_command = command(

@@ -1,5 +1,6 @@
-"""Prometheus metrics of `serve` (GET /metrics): requests by route and status, tokens in and out,
-requests waiting for their first token and running, time to first token and per-token latency."""
+"""Prometheus metrics of `serve` (GET /metrics): requests by route (ours, or 'other') and status,
+tokens in and out, requests waiting for their first token and running, time to first token and
+per-token latency, restarts of the batching engine."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ class Metrics:
         self.requests = Counter("devops_model_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.prompt_tokens = Counter("devops_model_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter("devops_model_completion_tokens", "generated tokens", registry=r)
+        self.engine_restarts = Counter("devops_model_engine_restarts", "batching engine restarts after its loop died",
+                                       registry=r)
         self.waiting = Gauge("devops_model_queue_depth", "requests waiting for their first token", registry=r)
         self.running = Gauge("devops_model_requests_running", "requests generating", registry=r)
         self.ttft = Histogram("devops_model_time_to_first_token_seconds", "time to first token", registry=r,

@@ -92,6 +92,19 @@ def chat_template(model: str, prepare: bool) -> tuple[str | None, list[str]]:
     return str(out), [f"write the {kind} chat template -> {out}"]
 
 
+def thinking_template(model: str) -> bool:
+    """The model's own template writes think blocks (Qwen3's): vLLM then needs its reasoning parser
+    to return `reasoning_content` apart, as `--engine hf` does."""
+    folder = Path(model)
+    texts = [folder / "chat_template.jinja"]
+    config = folder / "tokenizer_config.json"
+    found = [p.read_text(encoding="utf-8", errors="replace") for p in texts if p.is_file()]
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8", errors="replace")).get("chat_template")
+        found.append(template if isinstance(template, str) else json.dumps(template))
+    return any("</think>" in text for text in found)
+
+
 def argv(o, exe: str, prepare: bool) -> tuple[list[str], list[str]]:
     model, steps = model_dir(o, prepare)
     template, more = chat_template(model, prepare)
@@ -101,6 +114,8 @@ def argv(o, exe: str, prepare: bool) -> tuple[list[str], list[str]]:
         cmd += ["--dtype", o.dtype]
     if template:
         cmd += ["--chat-template", template]
+    elif thinking_template(model):
+        cmd += ["--reasoning-parser", "qwen3"]
     if o.api_key:
         cmd += ["--api-key", o.api_key]
     if o.cors_origin:

@@ -125,7 +125,7 @@ class Renderer:
         reasoning of answers removed when the template takes enable_thinking and it is false.
         Raises ValueError for messages that do not alternate (data.build drops those records)."""
         if messages and messages[0]["role"] == "system":
-            head, rest = [{"role": "system", "content": messages[0]["content"]}], messages[1:]
+            head, rest = [{"role": "system", "content": messages[0]["content"] or ""}], messages[1:]
         else:
             head, rest = ([{"role": "system", "content": self.system}] if self.system else []), messages
         turns = []

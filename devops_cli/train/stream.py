@@ -42,7 +42,7 @@ def build(recipe: Recipe, tokenizer):
         if recipe.stage == "pt":
             parts.append(ds.map(data._to_text(entry), batched=True).select_columns(["text"]))
         else:
-            parts.append(ds.map(data.to_messages(entry), batched=True, with_indices=True).select_columns(["messages"]))
+            parts.append(ds.map(data.to_messages(entry), batched=True, with_indices=True).select_columns(["messages", "tools"]))
     stream = mix.combine(parts, recipe.datasets, recipe.mix_strategy, recipe.interleave_probs, recipe.seed,
                          recipe.where("interleave_probs"))
     report = data.DataReport()  # its mix fills in as the stream is read (several datasets)
@@ -63,7 +63,8 @@ def build(recipe: Recipe, tokenizer):
         out = {"input_ids": [], "labels": []}
         for i, messages in enumerate(batch["messages"]):
             try:
-                examples = data.encode_examples(renderer, messages, recipe.max_source_length, recipe.max_target_length)
+                examples = data.encode_examples(renderer, messages, recipe.max_source_length, recipe.max_target_length,
+                                                batch["tools"][i])
             except ValueError:
                 continue
             for input_ids, labels, _ in examples:
@@ -78,7 +79,7 @@ def build(recipe: Recipe, tokenizer):
     if recipe.stage == "pt":
         stream = stream.map(pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=["text", *tag])
     else:
-        stream = stream.map(encode_batch, batched=True, batch_size=1000, remove_columns=["messages", *tag])
+        stream = stream.map(encode_batch, batched=True, batch_size=1000, remove_columns=["messages", "tools", *tag])
     eval_set = None
     n = int(recipe.val_size)
     if n:

@@ -39,6 +39,9 @@ def has_chatml_tokens(tokenizer) -> bool:
 QWEN3 = (Path(__file__).parent / "assets" / "templates" / "qwen3.jinja").read_text(encoding="utf-8")
 
 # Qwen2.5-Instruct's template (its tokenizer_config.json; Apache-2.0): ChatML with tools in the system turn,
-# <tool_call> answers and <tool_response> turns. Tool conversations on a ChatML model whose own template
-# renders no tools (Qwen2 tiny, CodeFuse-DevOps-Model) go through it (tools.template_for).
+# <tool_call> answers and <tool_response> turns.
 QWEN2_5 = (Path(__file__).parent / "assets" / "templates" / "qwen2_5.jinja").read_text(encoding="utf-8")
+# ChatML that renders tools: Qwen2.5's template with ChatML's default system prompt (what CHATML gives a
+# conversation without one). Tool conversations on a ChatML model whose own template renders no tools
+# (Qwen2 tiny, CodeFuse-DevOps-Model) go through it (tools.template_for), in serve's vLLM engine too.
+CHATML_TOOLS = QWEN2_5.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", DEFAULT_SYSTEM)

@@ -12,7 +12,8 @@
   template with arguments as JSON objects (`for_template`: Qwen2.5's template writes them with tojson,
   Qwen3's takes either).
 - `template_for`: the model's own template when it renders tools, else Qwen2.5-Instruct's tool template
-  for a ChatML model (Qwen2 chat models, CodeFuse-DevOps-Model), else a DevopsError.
+  (with ChatML's default system prompt) for a ChatML model (Qwen2 chat models, CodeFuse-DevOps-Model),
+  else a DevopsError.
 """
 
 from __future__ import annotations
@@ -58,46 +59,46 @@ def normalize_tools(tools) -> list[dict]:
         out.append(tool)
     problems = tool_problems(out)
     if problems:
-        raise ValueError(problems[0][1])
+        raise ValueError("{}: {}".format(*problems[0]))
     return out
 
 
 def tool_problems(tools: list) -> list[tuple[str, str]]:
-    """(where, what) for each thing wrong with a list of OpenAI tools, where as `tools[i].function.name`."""
+    """(where, what) for each thing wrong with a list of OpenAI tools, where as `tools[i].function.name`
+    (`what` does not repeat it)."""
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
     for i, tool in enumerate(tools):
         at = f"tools[{i}]"
         if not isinstance(tool, dict):
-            out.append((at, f"{at} must be an object, got {_kind(tool)}"))
+            out.append((at, f"must be an object, got {_kind(tool)}"))
             continue
         if tool.get("type") != "function":
-            out.append((f"{at}.type", f"{at}.type must be 'function', got {tool.get('type')!r}"))
+            out.append((f"{at}.type", f"must be 'function', got {tool.get('type')!r}"))
             continue
         if set(tool) - {"type", "function"}:
-            out.append((at, f"{at} has unknown key(s) {', '.join(sorted(set(tool) - {'type', 'function'}))}"))
+            out.append((at, f"has unknown key(s) {', '.join(sorted(set(tool) - {'type', 'function'}))}"))
         fn = tool.get("function")
         if not isinstance(fn, dict):
-            out.append((f"{at}.function", f"{at}.function must be an object with a name, got {_kind(fn)}"))
+            out.append((f"{at}.function", f"must be an object with a name, got {_kind(fn)}"))
             continue
         name = fn.get("name")
         if not isinstance(name, str) or not NAME.match(name):
-            out.append((f"{at}.function.name", f"{at}.function.name {name!r} is not a function name "
-                        "(1-64 letters, digits, _ or -)"))
+            out.append((f"{at}.function.name", f"{name!r} is not a function name (1-64 letters, digits, _ or -)"))
         elif name in seen:
-            out.append((f"{at}.function.name", f"{at}.function.name '{name}' is defined twice"))
+            out.append((f"{at}.function.name", f"'{name}' is defined twice"))
         else:
             seen.add(name)
         if set(fn) - FUNCTION_KEYS:
-            out.append((f"{at}.function", f"{at}.function has unknown key(s) {', '.join(sorted(set(fn) - FUNCTION_KEYS))}"))
+            out.append((f"{at}.function", f"has unknown key(s) {', '.join(sorted(set(fn) - FUNCTION_KEYS))}"))
         if "description" in fn and not isinstance(fn["description"], str):
-            out.append((f"{at}.function.description", f"{at}.function.description must be a string"))
+            out.append((f"{at}.function.description", "must be a string"))
         if "strict" in fn and not isinstance(fn["strict"], (bool, type(None))):
-            out.append((f"{at}.function.strict", f"{at}.function.strict must be true or false"))
+            out.append((f"{at}.function.strict", "must be true or false"))
         if "parameters" in fn:
             why = schema_problem(fn["parameters"])
             if why:
-                out.append((f"{at}.function.parameters", f"{at}.function.parameters {why}"))
+                out.append((f"{at}.function.parameters", why))
     return out
 
 
@@ -330,30 +331,22 @@ def renders_tools(tokenizer, template: str | None = None) -> bool:
 
 def prepare(tokenizer, messages: list[dict], tools) -> tuple[list[dict], dict]:
     """(messages, apply_chat_template kwargs) of a conversation with tools or tool calls: calls as the
-    template reads them, the tools, and the template (template_for). With Qwen2.5's tool template standing
-    in for a ChatML model's own, a conversation without a system message gets ChatML's default one (as the
-    model's own template would give it), not Qwen2.5's."""
-    from devops_cli.templates import DEFAULT_SYSTEM
-
-    template = template_for(tokenizer)
-    messages = for_template(messages)
-    if template is not None and (not messages or messages[0].get("role") != "system"):
-        messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
-    return messages, {"tools": tools or None, "chat_template": template}
+    template reads them, the tools, and the template (template_for)."""
+    return for_template(messages), {"tools": tools or None, "chat_template": template_for(tokenizer)}
 
 
 def template_for(tokenizer) -> str | None:
-    """The template to render tool conversations with: None (the tokenizer's own renders tools), Qwen2.5's
-    tool template for a ChatML tokenizer, else DevopsError."""
+    """The template to render tool conversations with: None (the tokenizer's own renders tools), ChatML with
+    Qwen2.5's tools (templates.CHATML_TOOLS) for a ChatML tokenizer, else DevopsError."""
     cached = getattr(tokenizer, "_devops_tool_template", False)
     if cached is not False:
         return cached
-    from devops_cli.templates import QWEN2_5, has_chatml_tokens
+    from devops_cli.templates import CHATML_TOOLS, has_chatml_tokens
 
     if renders_tools(tokenizer):
         chosen = None
     elif has_chatml_tokens(tokenizer):
-        chosen = QWEN2_5
+        chosen = CHATML_TOOLS
     else:
         raise DevopsError(f"the chat template of '{tokenizer.name_or_path}' renders no tools, and the model has no "
                           "ChatML tokens for Qwen2.5's tool template",

@@ -186,7 +186,7 @@ def _ranking(entry: DatasetEntry, record: dict) -> list[str]:
     with a user turn + chosen/rejected assistant messages; KTO: messages ending with the answer + a
     true/false kto_tag."""
     c, tags = entry.columns, entry.tags
-    tool_roles = {tags["function_tag"], tags["observation_tag"], "tool"}
+    tool_roles = {tags["function_tag"], tags["observation_tag"], "tool", "function"}
     if entry.formatting == "sharegpt" and isinstance(record.get(c["messages"]), list) and any(
             isinstance(m, dict) and (m.get(tags["role_tag"]) in tool_roles or m.get("tool_calls"))
             for m in record[c["messages"]]):
@@ -234,7 +234,7 @@ def _messages(entry: DatasetEntry, messages) -> list[str]:
     if not isinstance(messages, list) or not messages:
         return [f"'{col}' (messages) must be a non-empty list of messages, got {_kind(messages)}"]
     roles = {tags["user_tag"], tags["assistant_tag"], tags["system_tag"], tags["function_tag"], tags["observation_tag"],
-             "tool"}
+             "tool", "function"}
     for i, m in enumerate(messages, 1):
         if not isinstance(m, dict):
             return [f"'{col}' message {i} must be an object with '{tags['role_tag']}' and '{tags['content_tag']}', got {_kind(m)}"]
@@ -249,8 +249,9 @@ def _messages(entry: DatasetEntry, messages) -> list[str]:
 
 def _tool_use(entry: DatasetEntry, record: dict) -> list[str]:
     """A sharegpt record's tools and calls: the tools column is OpenAI tools (or LLaMA-Factory's bare
-    functions, a JSON string of them too); each call (a function_tag turn, or an assistant message's
-    tool_calls) has JSON-object arguments and names a tool the record defines; a tool result follows a call."""
+    functions, a JSON string of them too); each call (a function_tag turn, an assistant message's
+    tool_calls, or its function_call in OpenAI's older form that ToolLearning uses) has JSON-object arguments
+    and names a tool the record defines; a tool result (observation, tool or function role) follows a call."""
     from devops_cli import tools as tool_rules
 
     c, tags = entry.columns, entry.tags
@@ -263,8 +264,8 @@ def _tool_use(entry: DatasetEntry, record: dict) -> list[str]:
     for i, m in enumerate(record[c["messages"]], 1):
         role = m.get(tags["role_tag"])
         calls = m.get(tags["content_tag"]) if role == tags["function_tag"] else (
-            m.get("tool_calls") if role == tags["assistant_tag"] else None)
-        if role in (tags["observation_tag"], "tool"):
+            m.get("tool_calls") or m.get("function_call") if role == tags["assistant_tag"] else None)
+        if role in (tags["observation_tag"], "tool", "function"):
             if not after_call:
                 out.append(f"'{c['messages']}' message {i}: a tool result ({role}) that follows no tool call")
             continue

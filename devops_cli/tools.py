@@ -244,8 +244,10 @@ def openai_call(call: dict, cid: str | None = None) -> dict:
 
 
 def opening(name: str | None = None) -> str:
-    """What a generation prompt adds to force a call (tool_choice required: any tool; named: that one)."""
-    return OPEN + "\n" + (f'{{"name": "{name}", "arguments": ' if name else "")
+    """What a generation prompt adds to force a call (tool_choice required: any tool; named: that one).
+    It stops before the space that precedes the arguments: byte-level BPEs merge that space into the
+    next token (` {"`), and a prompt ending in a lone space token would be one the model never saw."""
+    return OPEN + "\n" + (f'{{"name": "{name}", "arguments":' if name else "")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_bundled_tool_data_trains_calls_and_answers_never_results(tiny_arch, arc
     assert all("# Tools" in p and "<tools>" in p for p in prompts)
 
 
-def test_openai_messages_and_llama_factory_records_render_alike(tiny_arch, tmp_path):
+def test_openai_llama_factory_and_toollearning_records_render_alike(tiny_arch, tmp_path):
     from devops_cli.modeling import load_tokenizer
 
     tok = load_tokenizer(str(tiny_arch("qwen3")))
@@ -92,20 +92,27 @@ def test_openai_messages_and_llama_factory_records_render_alike(tiny_arch, tmp_p
         {"from": "function_call", "value": json.dumps({"name": "kubectl_get", "arguments": args})},
         {"from": "observation", "value": "web-1 CrashLoopBackOff"}, {"from": "gpt", "value": "web-1 crash-loops."}],
         "system": "You are an SRE.", "tools": json.dumps([KUBECTL["function"]])}  # fmt: skip
+    toollearning_form = {"functions": [KUBECTL["function"]], "chatrounds": [  # codefuse-devops-eval's ToolLearning
+        {"role": "system", "content": "You are an SRE."}, {"role": "user", "content": "What crashes in prod?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "kubectl_get", "arguments": json.dumps(args)}},
+        {"role": "function", "name": "kubectl_get", "content": "web-1 CrashLoopBackOff"},
+        {"role": "assistant", "content": "web-1 crash-loops."}]}  # fmt: skip
     write_jsonl(tmp_path / "openai.jsonl", [openai_form] * 2)
     write_jsonl(tmp_path / "lf.jsonl", [lf_form] * 2)
+    write_jsonl(tmp_path / "tl.jsonl", [toollearning_form] * 2)
     (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "tl": {"file_name": "tl.jsonl", "formatting": "sharegpt", "columns": {"messages": "chatrounds", "tools": "functions"}},
         "openai": {"file_name": "openai.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages", "tools": "tools"}},
         "lf": {"file_name": "lf.jsonl", "formatting": "sharegpt",
                "columns": {"messages": "conversations", "system": "system", "tools": "tools"},
                "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt"}}}))
     built = {}
-    for name in ("openai", "lf"):
+    for name in ("openai", "lf", "tl"):
         r = _recipe(tmp_path, name)
         assert not records.problems(dataset_info.resolve(name, str(tmp_path), "sft", "x"))
         dataset, _ = data.build_sft(data.load_all(r, None), tok, r)
         built[name] = (dataset[0]["input_ids"], dataset[0]["labels"], dataset[1]["input_ids"], dataset[1]["labels"])
-    assert built["openai"] == built["lf"]
+    assert built["openai"] == built["lf"] == built["tl"]
     # Qwen3's template re-renders the call turn once a result follows: two examples per conversation
     r = _recipe(tmp_path, "openai")
     dataset, report = data.build_sft(data.load_all(r, None), tok, r)
@@ -144,7 +151,7 @@ def test_every_tool_record_is_checked_before_launch(tmp_path):
                "(kubectl_get)" in e for e in found)
     assert any("bad.jsonl:5: 'messages' message 2: a tool result (tool) that follows no tool call" in e for e in found)
     found = [str(e) for e in records.problems(dataset_info.resolve("schema", str(tmp_path), "sft", "x"))]
-    assert found and "schema.jsonl:1: 'tools' (tools): tools[0].function.name 'kubectl get' is not a function name" in found[0]
+    assert found and "schema.jsonl:1: 'tools' (tools): tools[0].function.name: 'kubectl get' is not a function name" in found[0]
     found = [str(e) for e in records.problems(dataset_info.resolve("args", str(tmp_path), "sft", "x"))]
     assert found and "must be a JSON object, got a list" in found[0]
     # the same through the CLI: one line per problem, exit 2, nothing launched
@@ -228,4 +235,4 @@ def test_tool_schemas_are_checked(bad, where):
     found = tools.tool_problems([bad])
     assert found and found[0][0] == where
     assert not tools.tool_problems([KUBECTL])
-    assert tools.tool_problems([KUBECTL, KUBECTL])[0][1].endswith("is defined twice")
+    assert tools.tool_problems([KUBECTL, KUBECTL])[0] == ("tools[1].function.name", "'kubectl_get' is defined twice")

@@ -95,7 +95,7 @@ def to_messages(entry):
 
     c, tags = entry.columns, entry.tags
     roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
-             tags["function_tag"]: "assistant", tags["observation_tag"]: "tool", "tool": "tool"}
+             tags["function_tag"]: "assistant", tags["observation_tag"]: "tool", "tool": "tool", "function": "tool"}
 
     def message(role: str, content: str, calls: str = "") -> dict:
         return {"role": role, "content": content, "tool_calls": calls}
@@ -113,8 +113,8 @@ def to_messages(entry):
                 calls = ""
                 if tag == tags["function_tag"]:  # LLaMA-Factory: the turn's content is the call(s)
                     calls, content = json.dumps(tool_rules.data_calls(content), ensure_ascii=False), ""
-                elif role == "assistant" and m.get("tool_calls"):  # OpenAI's form
-                    calls = json.dumps(tool_rules.data_calls(m["tool_calls"]), ensure_ascii=False)
+                elif role == "assistant" and (m.get("tool_calls") or m.get("function_call")):  # OpenAI's forms
+                    calls = json.dumps(tool_rules.data_calls(m.get("tool_calls") or m["function_call"]), ensure_ascii=False)
                 if role == "assistant":  # OpenAI/vLLM-style reasoning: a think block, as Qwen3 renders it
                     content = with_reasoning(m.get("reasoning_content") or m.get("reasoning"), content)
                 messages.append(message(role, content, calls))

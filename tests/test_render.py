@@ -205,3 +205,18 @@ def test_template_and_enable_thinking_keys():
         recipe.build({**base, "stage": "sft", "template": "qwen3"}, {}, "t.yaml")
     with pytest.raises(DevopsError, match="enable_thinking is set but stage is pt"):
         recipe.build({**base, "stage": "pt", "enable_thinking": False}, {"enable_thinking": "t.yaml:3"}, "t.yaml")
+
+
+def test_a_run_written_before_enable_thinking_existed_still_resumes(tmp_path):
+    from devops_cli.train import checks
+
+    values = {"stage": "sft", "model_name_or_path": "m", "dataset": "d", "output_dir": str(tmp_path / "o"),
+              "template": "chatml"}
+    r = recipe.build(values, {}, "t.yaml")
+    (tmp_path / "o").mkdir()
+    old = recipe.dump(r).replace("enable_thinking: true\n", "")  # as an older devops-model wrote it
+    assert "enable_thinking" in recipe.dump(r) and "enable_thinking" not in old
+    (tmp_path / "o" / "recipe.yaml").write_text(old)
+    assert checks.resume_decision(r) is None  # the same run (no checkpoint yet), not "another run"
+    with pytest.raises(DevopsError, match="holds another run"):
+        checks.resume_decision(recipe.build({**values, "enable_thinking": False}, {}, "t.yaml"))

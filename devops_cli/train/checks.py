@@ -14,7 +14,7 @@ from devops_cli.errors import DevopsError, DevopsErrors
 from devops_cli.outputs import writable_or_raise
 from devops_cli.sources import hub_reachable, is_hub_id
 from devops_cli.train.launch import LOCK
-from devops_cli.train.recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved
+from devops_cli.train.recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved, schema
 from devops_cli.weights import check_model_dir
 
 LORA_MODULES = {
@@ -238,7 +238,10 @@ def resume_decision(r: Recipe) -> Path | None:
                           "choose a new output_dir, or pass overwrite_output_dir=true to train into it anyway")
     before = read_resolved(saved)
     now = r.to_dict()
-    changed = [k for k in sorted(set(before) | set(now)) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k)]
+    # a key added to devops-model after that run was written compares as its default
+    defaults = {f.name: f.default for f in schema()}
+    changed = [k for k in sorted(set(before) | set(now))
+               if k not in RESUMABLE_CHANGES and before.get(k, defaults.get(k)) != now.get(k)]
     if changed:
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:3])
         raise DevopsError(f"output_dir '{out}' holds another run ({diff})", where,

@@ -4,6 +4,11 @@
                    "columns": {"prompt": "instruction", "query": "input", "response": "output",
                                "history": "history"}},
      "chats":     {"file_name": "chats.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"}},
+     "tool_use":  {"file_name": "tools.jsonl", "formatting": "sharegpt",  # LLaMA-Factory's tool data:
+                   "columns": {"messages": "conversations", "tools": "tools", "system": "system"},
+                   "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human",
+                            "assistant_tag": "gpt", "function_tag": "function_call",
+                            "observation_tag": "observation"}},
      "corpus":    {"file_name": "corpus.txt", "stage": "pt"},
      "pairs":     {"file_name": "pairs.jsonl", "ranking": true,  # dpo: prompt/query + chosen/rejected
                    "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
@@ -29,17 +34,22 @@ BUNDLED_DIR = Path(__file__).parent / "assets" / "data"
 LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 ENTRY_KEYS = {"file_name", "hf_hub_url", "script_url", "file_sha1", "stage", "formatting", "columns",
               "tags", "split", "subset", "ranking"}  # fmt: skip
-COLUMN_KEYS = {"prompt", "query", "response", "history", "system", "messages", "chosen", "rejected", "kto_tag"}
+COLUMN_KEYS = {"prompt", "query", "response", "history", "system", "messages", "chosen", "rejected", "kto_tag",
+               "tools"}
 RANKING_STAGE = "dpo"  # the stage that trains on "ranking": true datasets (preference pairs, KTO tags)
 DEFAULT_COLUMNS = {
     "pt": {"prompt": "text"},
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
                "system": "system"},
-    "sharegpt": {"messages": "messages"},
+    "sharegpt": {"messages": "messages", "system": "system", "tools": "tools"},  # system, tools: when a record has them
 }  # fmt: skip
 RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}  # added for ranking datasets (not KTO ones)
 DEFAULT_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                "assistant_tag": "assistant", "system_tag": "system"}  # fmt: skip
+                "assistant_tag": "assistant", "system_tag": "system",
+                "function_tag": "function_call", "observation_tag": "observation"}  # fmt: skip
+# sharegpt tool use, in LLaMA-Factory's names: a function_tag turn is the assistant's call(s) (its content the
+# JSON of {"name", "arguments"} or a list of them), an observation_tag turn a tool result. OpenAI's form works
+# too: assistant messages with "tool_calls" and messages of role "tool".
 
 
 @dataclass

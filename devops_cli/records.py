@@ -261,7 +261,7 @@ def record_problems(entry: DatasetEntry, record) -> list[str]:
     if entry.ranking:
         return _ranking(entry, record)
     if entry.formatting == "sharegpt":
-        return _messages(entry, record.get(c["messages"]))
+        return _messages(entry, record.get(c["messages"])) or _tool_use(entry, record)
     out += _string(record, c["prompt"], "prompt", required=False)
     out += _string(record, c["response"], "response", required=False)
     for role in ("query", "system"):
@@ -285,6 +285,12 @@ def _ranking(entry: DatasetEntry, record: dict) -> list[str]:
     with a user turn + chosen/rejected assistant messages; KTO: messages ending with the answer + a
     true/false kto_tag."""
     c, tags = entry.columns, entry.tags
+    tool_roles = {tags["function_tag"], tags["observation_tag"], "tool", "function"}
+    if entry.formatting == "sharegpt" and isinstance(record.get(c["messages"]), list) and any(
+            isinstance(m, dict) and (m.get(tags["role_tag"]) in tool_roles or m.get("tool_calls"))
+            for m in record[c["messages"]]):
+        return [f"'{c['messages']}' (messages) holds tool calls or results: preference data of tool use is not "
+                "supported (train tool use with sft)"]
     if entry.kto:
         out = _messages(entry, record.get(c["messages"]))
         messages = record.get(c["messages"])
@@ -326,7 +332,8 @@ def _messages(entry: DatasetEntry, messages) -> list[str]:
     col, tags = entry.columns["messages"], entry.tags
     if not isinstance(messages, list) or not messages:
         return [f"'{col}' (messages) must be a non-empty list of messages, got {_kind(messages)}"]
-    roles = {tags["user_tag"], tags["assistant_tag"], tags["system_tag"]}
+    roles = {tags["user_tag"], tags["assistant_tag"], tags["system_tag"], tags["function_tag"], tags["observation_tag"],
+             "tool", "function"}
     for i, m in enumerate(messages, 1):
         if not isinstance(m, dict):
             return [f"'{col}' message {i} must be an object with '{tags['role_tag']}' and '{tags['content_tag']}', got {_kind(m)}"]
@@ -337,6 +344,46 @@ def _messages(entry: DatasetEntry, messages) -> list[str]:
         if not (isinstance(content, str) or content is None):
             return [f"'{col}' message {i}: '{tags['content_tag']}' must be a string, got {_kind(content)}"]
     return []
+
+
+def _tool_use(entry: DatasetEntry, record: dict) -> list[str]:
+    """A sharegpt record's tools and calls: the tools column is OpenAI tools (or LLaMA-Factory's bare
+    functions, a JSON string of them too); each call (a function_tag turn, an assistant message's
+    tool_calls, or its function_call in OpenAI's older form that ToolLearning uses) has JSON-object arguments
+    and names a tool the record defines; a tool result (observation, tool or function role) follows a call."""
+    from devops_cli import tools as tool_rules
+
+    c, tags = entry.columns, entry.tags
+    out = []
+    try:
+        known = tool_rules.names(tool_rules.normalize_tools(record.get(c["tools"])))
+    except ValueError as e:
+        return [f"'{c['tools']}' (tools): {e}"]
+    after_call = False
+    for i, m in enumerate(record[c["messages"]], 1):
+        role = m.get(tags["role_tag"])
+        calls = m.get(tags["content_tag"]) if role == tags["function_tag"] else (
+            m.get("tool_calls") or m.get("function_call") if role == tags["assistant_tag"] else None)
+        if role in (tags["observation_tag"], "tool", "function"):
+            if not after_call:
+                out.append(f"'{c['messages']}' message {i}: a tool result ({role}) that follows no tool call")
+            continue
+        after_call = bool(calls)
+        if not calls:
+            if role == tags["function_tag"]:
+                out.append(f"'{c['messages']}' message {i}: an empty {role} turn (expected the JSON of a call)")
+            continue
+        try:
+            found = tool_rules.data_calls(calls)
+        except ValueError as e:
+            out.append(f"'{c['messages']}' message {i}: {e}")
+            continue
+        defined = ", ".join(known) or f"the record has no '{c['tools']}' column"
+        for call in found:
+            if call["name"] not in known:
+                out.append(f"'{c['messages']}' message {i}: a call to '{call['name']}', which is not among the "
+                           f"record's tools ({defined})")
+    return out
 
 
 def _kind(value) -> str:

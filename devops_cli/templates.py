@@ -1,4 +1,4 @@
-"""Chat templates (Jinja, as tokenizers carry them) for models that ship none, and the Qwen3 family's."""
+"""Chat templates (Jinja, as tokenizers carry them) for models that ship none, the Qwen3 family's, and Qwen2.5's for tools."""
 
 from pathlib import Path
 
@@ -37,3 +37,11 @@ def has_chatml_tokens(tokenizer) -> bool:
 # The hybrid-thinking template of Qwen3's post-trained models (tokenizer_config.json of Qwen3-8B, 2507
 # revision; Apache-2.0): tools, <think> blocks on the turns after the last user query, enable_thinking.
 QWEN3 = (Path(__file__).parent / "assets" / "templates" / "qwen3.jinja").read_text(encoding="utf-8")
+
+# Qwen2.5-Instruct's template (its tokenizer_config.json; Apache-2.0): ChatML with tools in the system turn,
+# <tool_call> answers and <tool_response> turns.
+QWEN2_5 = (Path(__file__).parent / "assets" / "templates" / "qwen2_5.jinja").read_text(encoding="utf-8")
+# ChatML that renders tools: Qwen2.5's template with ChatML's default system prompt (what CHATML gives a
+# conversation without one). Tool conversations on a ChatML model whose own template renders no tools
+# (Qwen2 tiny, CodeFuse-DevOps-Model) go through it (tools.template_for), in serve's vLLM engine too.
+CHATML_TOOLS = QWEN2_5.replace("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", DEFAULT_SYSTEM)

@@ -39,6 +39,8 @@ def chat(
     url: Annotated[str | None, typer.Option("--url", help="an OpenAI-compatible server instead of local weights: http://host:8000/v1", show_default=False, rich_help_panel="Server")] = None,
     api_key: Annotated[str | None, typer.Option("--api-key", help="the server's key (default: $DEVOPS_MODEL_API_KEY)", show_default=False, rich_help_panel="Server")] = None,
     served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="the server's model name (default: the first it lists)", show_default=False, rich_help_panel="Server")] = None,
+    tools: Annotated[str | None, typer.Option("--tools", help="JSON file of OpenAI function tools the model may call; each call is shown, and waits for /result unless --allow runs it", show_default=False, rich_help_panel="Tools")] = None,
+    allow: Annotated[list[str] | None, typer.Option("--allow", help="run a call's command when it matches this pattern, e.g. 'kubectl get *' (repeatable; nothing else ever runs)", show_default=False, rich_help_panel="Tools")] = None,
 ) -> None:
     """Chat with a model: streaming Markdown REPL; [bold]--prompt[/] or piped stdin answers once.
 
@@ -63,17 +65,29 @@ def chat(
     if not interactive and prompt is None and not (piped or "").strip():
         raise DevopsError("nothing to answer: stdin was empty", hint="pass --prompt TEXT, or run in a terminal to chat")
 
+    from devops_cli.chat.toolrun import Runner, check_patterns, load_tools
+
+    if allow and not tools:
+        raise DevopsError("--allow runs the commands of tool calls", "--allow", "pass the tools with --tools FILE")
+    check_patterns(allow or [])
+    offered, commands = load_tools(tools) if tools else (None, {})
     if url is not None:
         session = _remote(url, api_key, served_model_name or model, adapter, system, overrides, seed, max_window)
     else:
         session = _session(model, adapter, system, overrides, seed, max_window, dtype, device, trust_remote_code)
+    session.tools = offered
+    if offered and url is None:
+        from devops_cli.tools import template_for
+
+        template_for(session.tokenizer)  # a template that renders no tools stops here, in one line
     if think is not None:
         session.think(think)
+    runner = Runner(commands, allow)
     if interactive:
         from devops_cli.chat.repl import Repl
 
-        raise typer.Exit(Repl(session, stats).run())
-    _one_shot(session, prompt, piped, json_output, stats)
+        raise typer.Exit(Repl(session, stats, runner).run())
+    _one_shot(session, prompt, piped, json_output, stats, runner)
 
 
 def _session(model, adapter, system, overrides, seed, max_window, dtype, device, trust_remote_code):
@@ -139,19 +153,19 @@ class _nothing:
         return False
 
 
-def _one_shot(session, prompt: str | None, piped: str | None, json_output: bool, stats: bool) -> None:
+def _one_shot(session, prompt: str | None, piped: str | None, json_output: bool, stats: bool, runner) -> None:
     import os
 
     try:
-        _answer(session, prompt, piped, json_output, stats)
+        _answer(session, prompt, piped, json_output, stats, runner)
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(0) from None
 
 
-def _answer(session, prompt: str | None, piped: str | None, json_output: bool, stats: bool) -> None:
+def _answer(session, prompt: str | None, piped: str | None, json_output: bool, stats: bool, runner) -> None:
     from devops_cli.chat import loginput
-    from devops_cli.chat.render import ReplyView
+    from devops_cli.chat.toolrun import MAX_TOOL_ROUNDS, show_call
 
     message = prompt or ""
     if piped and piped.strip():
@@ -161,22 +175,49 @@ def _answer(session, prompt: str | None, piped: str | None, json_output: bool, s
         if notice:
             warn(notice)
         message = loginput.attach(message, log)
+    reply = _reply(session, lambda on_text: session.send(message, on_text, _dropped), json_output, stats)
+    calls = []  # tools: each call, what it ran and printed; allowed commands run and the model goes on
+    for _ in range(MAX_TOOL_ROUNDS):
+        if not session.pending() or reply.stopped:
+            break
+        for call in session.pending():
+            argv, pattern, output = runner.handle(call)
+            calls.append({"id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"],
+                          "command": argv, "result": output})
+            if not json_output:
+                show_call(call, argv, pattern, output)
+            if output is not None:
+                session.result(call["id"], output)
+        if session.pending():
+            if not json_output:
+                warn("a call waits for its result: the interactive chat takes it (/result TEXT), or --allow 'PATTERN' "
+                     "lets chat run its command")
+            break
+        reply = _reply(session, lambda on_text: session.resume(on_text, _dropped), json_output, stats)
     if json_output:
-        reply = session.send(message, None, _dropped)
         out = {"reply": reply.text if reply.answer is None else reply.answer}
         if reply.reasoning is not None:
             out["reasoning"] = reply.reasoning
+        if session.tools:
+            out["tool_calls"] = calls
         print(json.dumps({**out, "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                           "seconds": round(reply.seconds, 3)}, ensure_ascii=False))
-    else:
-        with ReplyView(console, thinking=session.thinking, in_think=lambda: session.prompt_opens_thinking) as view:
-            reply = session.send(message, view.update, _dropped)
-        if stats:
-            err_console.print(f"[dim]{reply.prompt_tokens} prompt tokens · {reply.completion_tokens} tokens · "
-                              f"{reply.seconds:.2f} s · {reply.tokens_per_second:.1f} tokens/s[/]")
     if reply.stopped:
         warn("reply stopped")
         raise typer.Exit(130)
+
+
+def _reply(session, generate, json_output: bool, stats: bool):
+    from devops_cli.chat.render import ReplyView
+
+    if json_output:
+        return generate(None)
+    with ReplyView(console, thinking=session.thinking, in_think=lambda: session.prompt_opens_thinking) as view:
+        reply = generate(view.update)
+    if stats:
+        err_console.print(f"[dim]{reply.prompt_tokens} prompt tokens · {reply.completion_tokens} tokens · "
+                          f"{reply.seconds:.2f} s · {reply.tokens_per_second:.1f} tokens/s[/]")
+    return reply
 
 
 def _dropped(count: int, window: int) -> None:

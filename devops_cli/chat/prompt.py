@@ -5,6 +5,7 @@ terminal chat (session.py) and the server (serve/)."""
 
 from __future__ import annotations
 
+from devops_cli import tools as tool_rules
 from devops_cli.errors import DevopsError, first_line
 
 
@@ -39,7 +40,7 @@ class PromptEncoder:
         self._ids_cache[(True, content)] = self.tokenizer(content, add_special_tokens=False,
                                                           split_special_tokens=True).input_ids
 
-    def encode(self, messages: list[dict], **template_kwargs) -> tuple[str, list[int]]:
+    def encode(self, messages: list[dict], tools: list[dict] | None = None, **template_kwargs) -> tuple[str, list[int]]:
         """Rendered prompt text and its ids: template text encoded normally, message content with
         special tokens split (Qwen v1 encodes role, newline and content separately the same way).
 
@@ -47,10 +48,19 @@ class PromptEncoder:
         the text between marks and every content but the last (the new message) are tokenized once
         and then looked up, so a turn costs the tokenization of the new message only. The ids are
         the same as tokenizing every piece afresh. `template_kwargs` go to the template (Qwen3's
-        enable_thinking)."""
+        enable_thinking). A conversation with tools or tool calls is rendered whole through tools.prepare
+        (the model's template, or Qwen2.5's tool template for ChatML) and tokenized as one text."""
         tok = self.tokenizer
         if "</think>" in (tok.chat_template or ""):
             messages = [think_split(m) for m in messages]
+        if tool_rules.uses_tools(messages, tools):
+            messages, kwargs = tool_rules.prepare(tok, messages, tools)
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs,
+                                               **template_kwargs)
+            except Exception as e:  # jinja errors of a model's own template
+                raise DevopsError(f"the chat template of '{self.model_name}' failed: {first_line(e)}") from None
+            return text, tok(text, add_special_tokens=False).input_ids
         key = (tok.chat_template, tuple(m["role"] for m in messages),
                tuple(sorted(template_kwargs.items())), tuple(m.get("reasoning_content") or "" for m in messages))
         skeleton = self._skeletons.get(key)

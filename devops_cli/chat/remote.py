@@ -101,7 +101,7 @@ class RemoteSession(ChatSession):
 
     def encode(self, messages: list[dict]) -> tuple[str, list[int]]:
         self._messages = messages  # the last prompt prepare() settled on is the one sent
-        text = "".join(f"<{m['role']}>\n{m['content']}\n" for m in messages)
+        text = "".join(f"<{m['role']}>\n{m['content'] or json.dumps(m.get('tool_calls'))}\n" for m in messages)
         return text, [0] * (len(text) // CHARS_PER_TOKEN + 4 * len(messages))
 
     def remember(self, text: str) -> None:
@@ -116,6 +116,8 @@ class RemoteSession(ChatSession):
                 "stream_options": {"include_usage": True}, "max_tokens": s["max_new_tokens"]}
         if self.seed_given:
             body["seed"] = self.seed
+        if self.tools:
+            body["tools"] = self.tools
         if self.enable_thinking is not None:  # vLLM's and devops-model serve's switch
             body["chat_template_kwargs"] = {"enable_thinking": self.enable_thinking}
         if "temperature" in s:
@@ -123,6 +125,7 @@ class RemoteSession(ChatSession):
         if "top_p" in s:
             body["top_p"] = s["top_p"]
         text, first, usage, stopped, done, thinking = "", None, {}, False, False, False
+        calls: list[dict] = []  # tool calls rebuilt from their deltas (OpenAI's streaming form)
         response = _request(self.url + "/chat/completions", self.api_key, body, timeout=600)
         try:
             for raw in response:
@@ -143,6 +146,13 @@ class RemoteSession(ChatSession):
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     delta, piece = choice.get("delta") or {}, ""
+                    for d in delta.get("tool_calls") or []:
+                        if d.get("index", len(calls)) >= len(calls):
+                            calls.append({"id": d.get("id") or "", "type": "function",
+                                          "function": {"name": "", "arguments": ""}})
+                        fn = calls[d.get("index", len(calls) - 1)]["function"]
+                        fn["name"] += (d.get("function") or {}).get("name") or ""
+                        fn["arguments"] += (d.get("function") or {}).get("arguments") or ""
                     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                     if reasoning:  # rebuilt as the model wrote it: the session splits it as a local reply
                         piece, thinking = piece + ("" if thinking else "<think>\n") + reasoning, True
@@ -166,4 +176,4 @@ class RemoteSession(ChatSession):
             raise DevopsError(f"{self.url}: the server ended the answer after {len(text)} characters without "
                               "finishing it (no [DONE]); the answer is incomplete", hint="check the server")
         return Reply(text, usage.get("prompt_tokens", len(ids)), usage.get("completion_tokens", 0),
-                     time.perf_counter() - start, first, stopped=stopped)
+                     time.perf_counter() - start, first, stopped=stopped, calls=calls or None)

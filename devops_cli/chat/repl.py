@@ -32,12 +32,13 @@ HELP = [
     ("/prompt", "the exact prompt of the last reply, as the model saw it"),
     ("/regen", "answer the last question again"),
     ("/think, /no_think", "thinking models: think before answering, or answer at once (enable_thinking)"),
+    ("/result [TEXT]", "--tools: the result of the model's call that waits (no TEXT: paste lines, end with \"\"\")"),
     ("/save FILE [--force]", "write the transcript: FILE.json as JSON, else Markdown (secrets redacted)"),
     ("/load FILE", "resume a saved transcript"),
     ("/exit", "leave (Ctrl-D works too)"),
 ]
-COMMANDS = ["help", "clear", "system", "set", "history", "prompt", "regen", "think", "no_think", "save", "load", "exit",
-            "quit", "bye"]
+COMMANDS = ["help", "clear", "system", "set", "history", "prompt", "regen", "think", "no_think", "result", "save", "load",
+            "exit", "quit", "bye"]
 
 
 def history_file() -> Path:
@@ -67,9 +68,13 @@ def _reader():
 
 
 class Repl:
-    def __init__(self, session: ChatSession, stats: bool = True):
+    def __init__(self, session: ChatSession, stats: bool = True, runner=None):
+        from devops_cli.chat.toolrun import Runner
+
         self.session = session
         self.stats = stats
+        self.runner = runner or Runner()
+        self.rounds = 0  # replies in a row that ended in calls chat ran by itself
         self.read = _reader()
 
     def run(self) -> int:
@@ -82,6 +87,10 @@ class Repl:
                       + (f" + {escape(s.adapter)}" if s.adapter else "")
                       + f" · window {s.window()} tokens · seed {s.seed}", soft_wrap=True)
         console.print('[dim]/help for commands · """ for multi-line input · Ctrl-C stops a reply · Ctrl-D exits[/]')
+        if s.tools:
+            allow = ", ".join(f"'{p}'" for p in self.runner.allow) or "nothing (each call waits for /result)"
+            console.print(f"[dim]tools: {escape(', '.join(t['function']['name'] for t in s.tools))} · runs: "
+                          f"{escape(allow)}[/]", soft_wrap=True)
         while True:
             try:
                 line = self.read_message()
@@ -154,6 +163,31 @@ class Repl:
             console.print(f"[dim]{reply.completion_tokens} tokens · {reply.seconds:.2f} s · "
                           f"{reply.tokens_per_second:.1f} tokens/s{first}[/]")
         console.print()
+        self.calls()
+
+    def calls(self) -> None:
+        """The model's calls: each shown; allowed commands run and the model goes on, the others wait for /result."""
+        from devops_cli.chat.toolrun import MAX_TOOL_ROUNDS, show_call
+
+        s = self.session
+        if not s.pending():
+            self.rounds = 0
+            return
+        waiting = False
+        for call in s.pending():
+            argv, pattern, output = self.runner.handle(call)
+            show_call(call, argv, pattern, output)
+            if output is not None:
+                s.result(call["id"], output)
+            waiting = waiting or output is None
+        if waiting:
+            console.print('[dim]run it yourself, then give what it printed: /result TEXT (or /result, then lines, '
+                          'then """)[/]')
+        elif self.rounds + 1 >= MAX_TOOL_ROUNDS:
+            console.print(f"[yellow]{MAX_TOOL_ROUNDS} replies in a row ended in calls; /result … or a message goes on[/]")
+        else:
+            self.rounds += 1
+            self.answer(lambda on_text: s.resume(on_text, self.dropped))
 
     # --- commands --------------------------------------------------------------------------------
     def cmd_help(self, arg: str) -> None:
@@ -212,6 +246,22 @@ class Repl:
 
     def cmd_no_think(self, arg: str) -> None:
         console.print(f"[dim]{escape(self.session.think(False))}[/]")
+
+    def cmd_result(self, arg: str) -> None:
+        s = self.session
+        waiting = s.pending()
+        if not waiting:
+            raise DevopsError("no tool call waits for a result", hint="/result answers a call the model made (chat --tools)")
+        if not arg:
+            lines = []
+            while (line := self.read("... ")).strip() != '"""':
+                lines.append(line)
+            arg = "\n".join(lines)
+        s.result(waiting[0]["id"], arg)
+        console.print(f"[dim]result of {escape(waiting[0]['function']['name'])} recorded[/]")
+        if not s.pending():
+            self.rounds = 0
+            self.answer(lambda on_text: s.resume(on_text, self.dropped))
 
     def cmd_regen(self, arg: str) -> None:
         self.answer(lambda on_text: self.session.regen(on_text, self.dropped))

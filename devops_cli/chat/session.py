@@ -36,6 +36,8 @@ class Turn:
     completion_tokens: int = 0
     seconds: float = 0.0
     stopped: bool = False  # the user interrupted the reply
+    steps: list = field(default_factory=list)  # tool use before the answer: assistant calls, tool results
+    done: bool = True  # False while the model's calls wait for their results (chat --tools)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Reply:
     stopped: bool = False
     reasoning: str | None = None  # a thinking model's think block (None: it did not think)
     answer: str | None = None  # the reply without its think block (None: all of `text`)
+    calls: list | None = None  # the tool calls it makes, as OpenAI's tool_calls (chat --tools)
 
     @property
     def tokens_per_second(self) -> float:
@@ -90,6 +93,7 @@ class ChatSession:
     max_window: int | None = None  # prompt tokens the model may see; None = context - max_new_tokens
     adapter: str | None = None
     enable_thinking: bool | None = None  # thinking templates: /think, /no_think; None = the template's default
+    tools: list | None = None  # OpenAI tools offered to the model (chat --tools)
     turns: list[Turn] = field(default_factory=list)
     first_in_window: int = 0  # turns before this index have left the window
     last_prompt: str = ""
@@ -173,14 +177,17 @@ class ChatSession:
         return {"enable_thinking": self.enable_thinking} if self.thinking and self.enable_thinking is not None else {}
 
     # --- prompt ----------------------------------------------------------------------------------
-    def messages(self, user: str, start: int | None = None) -> list[dict]:
+    def messages(self, user: str | None, start: int | None = None) -> list[dict]:
+        """The conversation the model sees: None for `user` continues the last turn (its tool results)."""
         msgs = [{"role": "system", "content": self.system}] if self.system else []
         for turn in self.turns[self.first_in_window if start is None else start:]:
-            msgs += [{"role": "user", "content": turn.user}, {"role": "assistant", "content": turn.assistant}]
-        return msgs + [{"role": "user", "content": user}]
+            msgs += [{"role": "user", "content": turn.user}, *turn.steps]
+            if turn.done:
+                msgs.append({"role": "assistant", "content": turn.assistant})
+        return msgs + ([{"role": "user", "content": user}] if user is not None else [])
 
     def encode(self, messages: list[dict]) -> tuple[str, list[int]]:
-        return self.prompts.encode(messages, **self.template_kwargs())
+        return self.prompts.encode(messages, self.tools, **self.template_kwargs())
 
     def prompt_tokens(self, messages: list[dict]) -> int:
         return len(self.encode(messages)[1])
@@ -188,13 +195,13 @@ class ChatSession:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids)
 
-    def prepare(self, user: str) -> tuple[str, list[int], int]:
+    def prepare(self, user: str | None) -> tuple[str, list[int], int]:
         """Prompt for `user` after the kept turns; drops the oldest turns until it fits the window."""
         window = self.window()
         dropped, before = 0, self.first_in_window
         while True:
             text, ids = self.encode(self.messages(user))
-            if len(ids) <= window or self.first_in_window >= len(self.turns):
+            if len(ids) <= window or self.first_in_window >= len(self.turns) - (user is None):
                 break
             self.first_in_window += 1
             dropped += 1
@@ -210,6 +217,9 @@ class ChatSession:
         on_drop(turns, window) first when turns leave the window. Ctrl-C (KeyboardInterrupt) stops
         the reply; what was generated so far is kept."""
         start = time.perf_counter()
+        if user is not None and self.pending():
+            raise DevopsError(f"the model's call {self.pending()[0]['function']['name']} waits for its result",
+                              hint="/result TEXT gives it one (what the command printed); /regen asks again")
         text, ids, dropped = self.prepare(user)
         self.prompt_opens_thinking = self.thinking and opens_thinking(text)
         if dropped and on_drop is not None:
@@ -219,13 +229,55 @@ class ChatSession:
         if self.thinking:
             reply.reasoning, reply.answer = split(reply.text, self.prompt_opens_thinking)
         self.last_prompt, self.last_prompt_tokens = text, len(ids)
-        self.turns.append(Turn(user, reply.text, reply.prompt_tokens, reply.completion_tokens,
-                               round(reply.seconds, 3), reply.stopped))
+        if user is None:  # the open turn goes on (its calls have their results)
+            turn = self.turns[-1]
+            turn.prompt_tokens, turn.completion_tokens = reply.prompt_tokens, turn.completion_tokens + reply.completion_tokens
+            turn.seconds, turn.stopped = round(turn.seconds + reply.seconds, 3), reply.stopped
+        else:
+            turn = Turn(user, "", reply.prompt_tokens, reply.completion_tokens, round(reply.seconds, 3), reply.stopped)
+            self.turns.append(turn)
+        self._answered(turn, reply)
         if reply.text:  # tokenized now, while the user reads, instead of in the next turn's TTFT
             # (as the next prompt holds it: a thinking template drops the think block of earlier turns)
             self.remember(think_split({"role": "assistant", "content": reply.text})["content"] if self.thinking
                           else reply.text)
         return reply
+
+    def _answered(self, turn: Turn, reply: Reply) -> None:
+        """The reply ends the turn, or (tools) its calls open a step that waits for their results."""
+        from devops_cli import tools as tool_rules
+
+        if self.tools and reply.calls is None and not reply.stopped:
+            content, found = tool_rules.parse(reply.text if reply.answer is None else reply.answer,
+                                              tool_rules.names(self.tools))
+            reply.calls = [tool_rules.openai_call(c) for c in found] or None
+            if reply.calls:
+                reply.answer = content
+        if reply.calls:
+            text = reply.answer if reply.answer is not None else reply.text
+            turn.steps.append({"role": "assistant", "content": text or "", "tool_calls": reply.calls})
+            turn.done = False
+        else:
+            turn.assistant, turn.done = reply.text, True
+
+    def pending(self) -> list[dict]:
+        """The calls of the open turn that have no result yet, in order."""
+        if not self.turns or self.turns[-1].done:
+            return []
+        steps = self.turns[-1].steps
+        calls = [c for m in steps if m["role"] == "assistant" for c in m["tool_calls"]]
+        answered = {m["tool_call_id"] for m in steps if m["role"] == "tool"}
+        return [c for c in calls if c["id"] not in answered]
+
+    def result(self, call_id: str, text: str) -> None:
+        """A tool call's result, as the user pasted it or an allowed command printed it."""
+        self.turns[-1].steps.append({"role": "tool", "tool_call_id": call_id, "content": text})
+
+    def resume(self, on_text=None, on_drop=None) -> Reply:
+        """The model's next reply once every call of the open turn has its result."""
+        if not self.turns or self.turns[-1].done or self.pending():
+            raise DevopsError("no tool results to answer from yet", hint="/result TEXT gives a call its result")
+        return self.send(None, on_text, on_drop)
 
     def remember(self, text: str) -> None:
         self.prompts.remember(text)

@@ -187,16 +187,25 @@ def create_app(server: Server) -> FastAPI:
             message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
             if m.role == "assistant" and m.reasoning_content:
                 message["reasoning_content"] = m.reasoning_content
+            if m.tool_calls:
+                message["tool_calls"] = [c.model_dump(exclude={"index"}) for c in m.tool_calls]
             messages.append(message)
         if messages[0]["role"] != "system" and loaded.system:
             messages.insert(0, {"role": "system", "content": loaded.system})
         kwargs = {k: v for k, v in (body.chat_template_kwargs.model_dump() if body.chat_template_kwargs else {}).items()
                   if v is not None}
-        prompt, ids = await _encode(loaded, messages, kwargs)
-        job = make_job(loaded, body, ids, "chat", body.max_completion_tokens or body.max_tokens)
+        choice = body.choice()  # None: no tools in the prompt, no calls parsed (tool_choice none, or no tools)
+        prompt, ids = await _encode(loaded, messages, kwargs, body.tools if choice else None)
         from devops_cli.chat.thinking import opens_thinking
 
-        split = ReplySplit(loaded.thinking, loaded.thinking and opens_thinking(prompt))
+        forced = None
+        if choice not in (None, "auto"):  # required / a named function: the prompt opens the call (tools.opening)
+            forced = forced_opening(loaded, prompt, None if choice == "required" else choice)
+            ids = ids + await asyncio.to_thread(lambda: loaded.tokenizer(forced, add_special_tokens=False).input_ids)
+        job = make_job(loaded, body, ids, "chat", body.max_completion_tokens or body.max_tokens)
+        split = ReplySplit(loaded.thinking and forced is None, loaded.thinking and opens_thinking(prompt),
+                           tools=[t["function"]["name"] for t in body.tools] if choice else None,
+                           opened=forced, parallel=body.parallel_tool_calls is not False)
         return await _admitted(server, request, body, job, "chat", messages[-1]["content"], split)
 
     @app.post("/v1/completions")
@@ -222,11 +231,21 @@ async def _body(request: Request, model):
     return body
 
 
-async def _encode(loaded: Loaded, messages: list[dict], kwargs: dict) -> tuple[str, list[int]]:
+def forced_opening(loaded: Loaded, prompt: str, name: str | None) -> str:
+    """The text a forced tool call starts with after the generation prompt: the call's opening, after
+    the empty think block a thinking template writes for an answer without reasoning."""
+    from devops_cli.chat.thinking import CLOSE
+    from devops_cli.tools import opening
+
+    think = "<think>\n\n</think>\n\n" if loaded.thinking and not prompt.rstrip().endswith(CLOSE) else ""
+    return think + opening(name)
+
+
+async def _encode(loaded: Loaded, messages: list[dict], kwargs: dict, tools=None) -> tuple[str, list[int]]:
     from devops_cli.errors import DevopsError
 
     try:
-        return await asyncio.to_thread(loaded.prompts.encode, messages, **kwargs)
+        return await asyncio.to_thread(loaded.prompts.encode, messages, tools, **kwargs)
     except DevopsError as e:  # the model's own template refused these messages (e.g. Qwen3: no user message)
         raise ApiError(400, f"the chat template cannot render these messages: {e.message}", param="messages") from None
 

@@ -1,6 +1,7 @@
 """One admitted request through the engine to its client: the engine job (sampling resolved and held
 to the engine's limits), text deltas cut at stop strings, the reply split into reasoning and content
-(thinking.py), and the response: JSON, or SSE ending `data: [DONE]`. Every end is said to the client:
+(thinking.py) and the calls read out of it (tools.py, when the request has tools), and the response:
+JSON, or SSE ending `data: [DONE]`. Every end is said to the client:
 a stream the engine failed or the shutdown cut ends with an error event in OpenAI's streaming error
 shape; a client that leaves cancels its generation, streamed or not."""
 
@@ -186,11 +187,14 @@ async def _whole(server, request, generation: Generation, meta: dict, kind: str,
         return JSONResponse(err, status_code=status)
     server.metrics.requests.labels(label, "200").inc()
     if kind == "chat":
-        reasoning, content = split(generation.text)
+        reasoning, content, calls = split(generation.text)
         message = {"role": "assistant", "content": content}
         if reasoning is not None:
             message["reasoning_content"] = reasoning
-        choice = {"index": 0, "message": message, "finish_reason": generation.finish, "logprobs": None}
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if calls else generation.finish,
+                  "logprobs": None}
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": generation.text, "finish_reason": generation.finish, "logprobs": None}
@@ -233,7 +237,7 @@ async def _sse(generation: Generation, meta: dict, kind: str, usage: bool, label
         if deltas is not None:
             for delta in deltas.finish():
                 yield chunk(delta)
-        yield chunk(None, generation.finish)
+        yield chunk(None, "tool_calls" if deltas is not None and deltas.count else generation.finish)
         if usage:
             yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [], 'usage': generation.usage()})}\n\n"
         yield "data: [DONE]\n\n"
@@ -250,35 +254,85 @@ async def _sse(generation: Generation, meta: dict, kind: str, usage: bool, label
 
 
 class ReplySplit:
-    """A chat reply as (reasoning_content, content): split at the think block for thinking models
-    (chat/thinking.py), whole as content otherwise; `stream()` gives the same split as deltas."""
+    """A chat reply as (reasoning_content, content, tool_calls): split at the think block for thinking
+    models (chat/thinking.py), whole as content otherwise; with tools, the content's calls read out by
+    tools.CallStream (`opened`: the generation prompt already opened a call, tool_choice required or
+    named; `parallel` false keeps the first call only). `stream()` gives the same split as deltas."""
 
-    def __init__(self, thinking: bool, in_think: bool = False):
+    def __init__(self, thinking: bool, in_think: bool = False, tools: list[str] | None = None,
+                 opened: str | None = None, parallel: bool = True):
         self.thinking, self.in_think = thinking, in_think
+        self.tools, self.opened, self.parallel = tools, opened, parallel
 
-    def __call__(self, text: str) -> tuple[str | None, str]:
-        from devops_cli.chat.thinking import split
+    def __call__(self, text: str) -> tuple[str | None, str | None, list[dict]]:
+        deltas = self.stream()
+        parts = deltas.add(text) + deltas.finish()
+        reasoning = "".join(d.get("reasoning_content", "") for d in parts)
+        content = "".join(d.get("content", "") for d in parts)
+        calls = [c for d in parts for c in d.get("tool_calls", []) if "id" in c]
+        for d in parts:  # the arguments come in the delta after each call's first
+            for c in d.get("tool_calls", []):
+                if "id" not in c:
+                    calls[c["index"]]["function"]["arguments"] += c["function"]["arguments"]
+        calls = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        return (reasoning if deltas.thought else None), (None if calls and not content else content), calls
 
-        return split(text, self.in_think) if self.thinking else (None, text)
-
-    def stream(self):
+    def stream(self) -> _Deltas:
         from devops_cli.chat.thinking import Splitter
+        from devops_cli.tools import OPEN, CallStream
 
-        return _Deltas(Splitter(self.in_think) if self.thinking else None)
+        calls = None
+        if self.tools is not None:
+            calls = CallStream(self.tools, first=self.opened is not None)
+            if self.opened is not None:
+                calls.add(self.opened[self.opened.index(OPEN) + len(OPEN):])
+        return _Deltas(Splitter(self.in_think) if self.thinking else None, calls, self.parallel)
 
 
 class _Deltas:
-    def __init__(self, splitter):
-        self.splitter = splitter
+    """Text of a reply -> OpenAI chat deltas: {"reasoning_content"}, {"content"}, and for each call
+    {"tool_calls": [{index, id, type, function: {name, arguments: ""}}]} then its arguments as OpenAI
+    streams them ({"tool_calls": [{index, function: {arguments}}]})."""
+
+    def __init__(self, splitter, calls, parallel: bool):
+        self.splitter, self.calls, self.parallel = splitter, calls, parallel
+        self.count = 0  # calls sent
+
+    @property
+    def thought(self) -> bool:
+        return self.splitter is not None and self.splitter.thought
 
     def add(self, text: str) -> list[dict]:
-        if self.splitter is None:
-            return [{"content": text}]
-        return self._deltas(self.splitter.add(text))
+        parts = [("content", text)] if self.splitter is None else self.splitter.add(text)
+        return self._deltas(parts, False)
 
     def finish(self) -> list[dict]:
-        return [] if self.splitter is None else self._deltas(self.splitter.finish())
+        return self._deltas([] if self.splitter is None else self.splitter.finish(), True)
 
-    @staticmethod
-    def _deltas(parts) -> list[dict]:
-        return [{"reasoning_content" if kind == "reasoning" else "content": text} for kind, text in parts]
+    def _deltas(self, parts, end: bool) -> list[dict]:
+        out = []
+        for kind, text in parts:
+            if kind == "reasoning":
+                out.append({"reasoning_content": text})
+            elif self.calls is None:
+                out.append({"content": text})
+            else:
+                out += self._events(self.calls.add(text))
+        if end and self.calls is not None:
+            out += self._events(self.calls.finish())
+        return out
+
+    def _events(self, events) -> list[dict]:
+        from devops_cli.tools import call_id
+
+        out = []
+        for kind, value in events:
+            if kind == "content":
+                out.append({"content": value})
+            elif self.parallel or self.count == 0:
+                i = self.count
+                self.count += 1
+                out.append({"tool_calls": [{"index": i, "id": call_id(), "type": "function",
+                                            "function": {"name": value["name"], "arguments": ""}}]})
+                out.append({"tool_calls": [{"index": i, "function": {"arguments": value["arguments"]}}]})
+        return out

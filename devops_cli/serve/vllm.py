@@ -74,35 +74,43 @@ def model_dir(o, prepare: bool) -> tuple[str, list[str]]:
 
 
 def chat_template(model: str, prepare: bool) -> tuple[str | None, list[str]]:
-    """Our template file when the tokenizer ships none (ChatML when it has the tokens), else None."""
-    from devops_cli.templates import CHATML, DEFAULT
+    """Our template file where vLLM needs one, else None (the model's own): ChatML that renders tools
+    (templates.CHATML_TOOLS, as the hf engine renders tool requests) for a ChatML tokenizer with no template
+    or one that renders no tools; the Human/Assistant format for a tokenizer with neither."""
+    from devops_cli.templates import CHATML_TOOLS, DEFAULT
 
     path = Path(model) / "tokenizer_config.json"
     if not path.is_file():
         return None, []
     cfg = json.loads(path.read_text())
-    if cfg.get("chat_template") or (Path(model) / "chat_template.jinja").is_file():
+    own = own_template(Path(model))
+    chatml = "<|im_start|>" in json.dumps(cfg) or "<|im_start|>" in own
+    if own and ("tools" in own or not chatml):
         return None, []
-    specials = json.dumps(cfg)
-    kind, text = ("chatml", CHATML) if "<|im_start|>" in specials else ("default", DEFAULT)
+    kind, text = ("chatml-tools", CHATML_TOOLS) if chatml else ("default", DEFAULT)
     out = PREPARED / f"chat_template-{kind}.jinja"
     if prepare:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
-    return str(out), [f"write the {kind} chat template -> {out}"]
+    why = "its own renders no tools" if own else "the tokenizer has none"
+    return str(out), [f"write the {kind} chat template ({why}) -> {out}"]
+
+
+def own_template(folder: Path) -> str:
+    """The chat template a model folder ships (chat_template.jinja or tokenizer_config.json), or ""."""
+    found = [(folder / "chat_template.jinja").read_text(encoding="utf-8", errors="replace")
+             if (folder / "chat_template.jinja").is_file() else ""]
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        template = json.loads(config.read_text(encoding="utf-8", errors="replace")).get("chat_template")
+        found.append(template if isinstance(template, str) else json.dumps(template) if template else "")
+    return "\n".join(t for t in found if t)
 
 
 def thinking_template(model: str) -> bool:
     """The model's own template writes think blocks (Qwen3's): vLLM then needs its reasoning parser
     to return `reasoning_content` apart, as `--engine hf` does."""
-    folder = Path(model)
-    texts = [folder / "chat_template.jinja"]
-    config = folder / "tokenizer_config.json"
-    found = [p.read_text(encoding="utf-8", errors="replace") for p in texts if p.is_file()]
-    if config.is_file():
-        template = json.loads(config.read_text(encoding="utf-8", errors="replace")).get("chat_template")
-        found.append(template if isinstance(template, str) else json.dumps(template))
-    return any("</think>" in text for text in found)
+    return "</think>" in own_template(Path(model))
 
 
 def argv(o, exe: str, prepare: bool) -> tuple[list[str], list[str]]:
@@ -116,6 +124,9 @@ def argv(o, exe: str, prepare: bool) -> tuple[list[str], list[str]]:
         cmd += ["--chat-template", template]
     elif thinking_template(model):
         cmd += ["--reasoning-parser", "qwen3"]
+    if ("chatml-tools" in template) if template else "tools" in own_template(Path(model)):
+        # Qwen's hermes-style <tool_call> blocks -> tool_calls, as the hf engine parses them (tools.py)
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     if o.api_key:
         cmd += ["--api-key", o.api_key]
     if o.cors_origin:

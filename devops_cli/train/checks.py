@@ -143,6 +143,10 @@ def _data_problems(r: Recipe, errors: list, warnings: list) -> None:
                     f" but pref_loss is {r.pref_loss}", r.where("pref_loss"),
                     "use pref_loss: sigmoid/ipo/hinge with pairs" if entry.kto is False else "set pref_loss: kto"))
                 continue
+            if "tools" in entry.explicit and r.template == "default":
+                errors.append(DevopsError(f"dataset '{name}' holds tool use, which the Human/Assistant 'default' "
+                                          "template cannot render", r.where("template"),
+                                          "use template: auto (the model's own) or chatml (Qwen2.5's tool template)"))
             found = records.scan(entry)  # every record, streamed
             errors += found.errors
             warnings += found.warnings

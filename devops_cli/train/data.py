@@ -15,6 +15,7 @@ dpo: each preference record becomes its prompt (every turn before the rated answ
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from devops_cli import dataset_info
@@ -92,48 +93,72 @@ def _to_text(entry):
 
 
 def messages_features():
-    """The features of to_messages' output: every source, alpaca or sharegpt, as plain role/content turns."""
+    """The features of to_messages' output: every source, alpaca or sharegpt, as role/content/tool_calls turns
+    and the record's tools (JSON strings, "" for none)."""
     from datasets import Features, Value
 
     try:
         from datasets import List
     except ImportError:  # datasets < 4
         from datasets import Sequence as List
-    return Features({"messages": List({"role": Value("string"), "content": Value("string")})})
+    return Features({"messages": List({"role": Value("string"), "content": Value("string"), "tool_calls": Value("string")}),
+                     "tools": Value("string")})
 
 
 def to_messages(entry):
-    """Map an alpaca (prompt/query/response/history) or sharegpt (messages) record to messages."""
+    """Map an alpaca (prompt/query/response/history) or sharegpt (messages) record to {messages, tools}:
+    messages [{role, content, tool_calls}] (tool_calls: the JSON of [{name, arguments}], "" for none; role
+    "tool" for tool results), tools the JSON of the record's OpenAI tools ("" for none). JSON strings keep
+    the dataset's columns one type whatever the tools' schemas (tools.py reads them back)."""
+    from devops_cli import tools as tool_rules
+
     c, tags = entry.columns, entry.tags
-    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
+             tags["function_tag"]: "assistant", tags["observation_tag"]: "tool", "tool": "tool", "function": "tool"}
+
+    def message(role: str, content: str, calls: str = "") -> dict:
+        return {"role": role, "content": content, "tool_calls": calls}
 
     def one(record: dict, index: int) -> list[dict]:
         if entry.formatting == "sharegpt":
             messages = []
             for m in record.get(c["messages"]) or []:
-                role = roles.get(m.get(tags["role_tag"]))
+                tag = m.get(tags["role_tag"])
+                role = roles.get(tag)
                 if role is None:
-                    raise DevopsError(f"record {index}: unknown role {m.get(tags['role_tag'])!r}", entry.where,
+                    raise DevopsError(f"record {index}: unknown role {tag!r}", entry.where,
                                       'set "tags" in dataset_info.json (role_tag, user_tag, assistant_tag)')
                 content = m.get(tags["content_tag"]) or ""
+                calls = ""
+                if tag == tags["function_tag"]:  # LLaMA-Factory: the turn's content is the call(s)
+                    calls, content = json.dumps(tool_rules.data_calls(content), ensure_ascii=False), ""
+                elif role == "assistant" and (m.get("tool_calls") or m.get("function_call")):  # OpenAI's forms
+                    calls = json.dumps(tool_rules.data_calls(m.get("tool_calls") or m["function_call"]), ensure_ascii=False)
                 if role == "assistant":  # OpenAI/vLLM-style reasoning: a think block, as Qwen3 renders it
                     content = with_reasoning(m.get("reasoning_content") or m.get("reasoning"), content)
-                messages.append({"role": role, "content": content})
+                messages.append(message(role, content, calls))
+            system = record.get(c["system"]) if c.get("system") in record else None
+            if system and not (messages and messages[0]["role"] == "system"):
+                messages.insert(0, message("system", system))
             return messages
         system = record.get(c["system"]) if c["system"] in record else None
-        messages = [{"role": "system", "content": system}] if system else []
+        messages = [message("system", system)] if system else []
         for q, a in record.get(c["history"]) or []:
-            messages += [{"role": "user", "content": q or ""}, {"role": "assistant", "content": a or ""}]
+            messages += [message("user", q or ""), message("assistant", a or "")]
         prompt = record.get(c["prompt"]) or ""
         query = record.get(c["query"]) or ""
         user = f"{prompt}\n{query}" if prompt and query else prompt or query
-        return messages + [{"role": "user", "content": user},
-                           {"role": "assistant", "content": record.get(c["response"]) or ""}]
+        return messages + [message("user", user), message("assistant", record.get(c["response"]) or "")]
+
+    def tools_of(record: dict) -> str:
+        found = tool_rules.normalize_tools(record.get(c["tools"])) if c.get("tools") in record else []
+        return json.dumps(found, ensure_ascii=False) if found else ""
 
     def fn(batch, indices):
         keys = list(batch)
         rows = [dict(zip(keys, values)) for values in zip(*batch.values())]
-        return {"messages": [one(r, i) for r, i in zip(rows, indices)]}
+        return {"messages": [one(r, i) for r, i in zip(rows, indices)],
+                "tools": [tools_of(r) if entry.formatting == "sharegpt" else "" for r in rows]}
 
     return fn
 
@@ -226,10 +251,10 @@ def make_renderer(tokenizer, recipe: Recipe) -> Renderer:
     return Renderer(tokenizer, recipe.template, recipe.system_prompt, recipe.enable_thinking)
 
 
-def encode_examples(renderer: Renderer, messages: list[dict], max_source: int, max_target: int):
+def encode_examples(renderer: Renderer, messages: list[dict], max_source: int, max_target: int, tools=None):
     """-> [(input_ids, labels, truncated)]: one sequence for a conversation the template renders as
-    growing prefixes, else one per assistant turn (render.py)."""
-    return [encode(renderer.tok, turns, max_source, max_target) for turns in renderer.examples(messages)]
+    growing prefixes, else one per assistant turn (render.py); `tools` as to_messages gives them."""
+    return [encode(renderer.tok, turns, max_source, max_target) for turns in renderer.examples(messages, tools)]
 
 
 def encode_sft(renderer: Renderer, messages: list[dict], max_source: int, max_target: int):
@@ -274,7 +299,8 @@ def build_sft(raw, tokenizer, recipe: Recipe, num_proc: int | None = None):
             out[mix.SOURCE] = []
         for i, messages in enumerate(batch["messages"]):
             try:
-                examples = encode_examples(chat, messages, recipe.max_source_length, recipe.max_target_length)
+                examples = encode_examples(chat, messages, recipe.max_source_length, recipe.max_target_length,
+                                           batch["tools"][i] if "tools" in batch else None)
             except ValueError:
                 examples = []
             for input_ids, labels, truncated in examples or [([], [], False)]:

@@ -68,8 +68,9 @@ def examples(r: Recipe) -> tuple[list[dict], list[str]]:
                 pref = data.to_preferences(entry)(batch, [0])
                 found = _preference(chat, r, {k: v[0] for k, v in pref.items()})
             else:
-                messages = data.to_messages(entry)(batch, [0])["messages"][0]
-                found = [("sft", *e) for e in data.encode_examples(chat, messages, r.max_source_length, r.max_target_length)]
+                standard = data.to_messages(entry)(batch, [0])
+                found = [("sft", *e) for e in data.encode_examples(chat, standard["messages"][0], r.max_source_length,
+                                                                   r.max_target_length, standard["tools"][0])]
         except ValueError as e:
             notes.append(f"{name}: the first record is not used ({e})")
             continue

@@ -19,6 +19,10 @@ The rule, for the assistant message at index i of a conversation:
   into it by data.to_messages), or with the template's empty think block when it has none; false ->
   reasoning removed and the empty think block part of the prompt (inference with enable_thinking=False).
   Templates without the switch ignore it.
+- Tool use (tools.py): the conversation's tools go to every rendering; an assistant turn that calls tools is
+  an answer like any other (its <tool_call> blocks trained), tool results are prompt (a user-side turn, as
+  the template writes them: <tool_response> in a user turn for Qwen), never trained. A template that renders
+  no tools (ChatML) is replaced for these conversations by Qwen2.5's tool template.
 
 Truncation, the same in both forms: a prompt segment longer than max_source_length loses the end of
 its user text (the template around it stays), an answer is cut to max_target_length, and turns that no
@@ -28,8 +32,10 @@ that does not fit is dropped).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+from devops_cli import tools as tool_rules
 from devops_cli.errors import DevopsError
 from devops_cli.templates import DEFAULT_SYSTEM, END_OF_TURN
 
@@ -91,9 +97,16 @@ class Renderer:
         self.eot = END_OF_TURN.get(template) or self._end_of_turn()
 
     # --- the template --------------------------------------------------------------------------
-    def render(self, messages: list[dict], generation_prompt: bool, thinking: bool | None = None) -> str:
+    def render(self, messages: list[dict], generation_prompt: bool, thinking: bool | None = None,
+               tools: list[dict] | None = None) -> str:
+        """The template's text; a conversation with tools or tool calls goes through tools.prepare
+        (the model's own template, or Qwen2.5's tool template for ChatML)."""
+        kwargs = {}
+        if tool_rules.uses_tools(messages, tools):
+            messages, kwargs = tool_rules.prepare(self.tok, messages, tools)
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                            enable_thinking=self.enable_thinking if thinking is None else thinking)
+                                            enable_thinking=self.enable_thinking if thinking is None else thinking,
+                                            **kwargs)
 
     def _has_thinking_switch(self) -> bool:
         """Whether the template renders a prompt differently with enable_thinking false (Qwen3's does)."""
@@ -121,36 +134,55 @@ class Renderer:
 
     # --- conversations -------------------------------------------------------------------------
     def conversation(self, messages: list[dict]) -> list[dict]:
-        """system?, user, assistant, ...: the recipe's system prompt where the data has none, the
-        reasoning of answers removed when the template takes enable_thinking and it is false.
-        Raises ValueError for messages that do not alternate (data.build drops those records)."""
+        """system?, user, assistant, ... (tool use: an assistant message with tool_calls, then the tool
+        results (role tool), then the next assistant message): the recipe's system prompt where the data
+        has none, the reasoning of answers removed when the template takes enable_thinking and it is false,
+        calls as [{name, arguments}] (a JSON string of them is read). Messages after the last answer have
+        nothing to train and are left out. Raises ValueError for messages out of that order (data.build
+        drops those records)."""
         if messages and messages[0]["role"] == "system":
             head, rest = [{"role": "system", "content": messages[0]["content"] or ""}], messages[1:]
         else:
             head, rest = ([{"role": "system", "content": self.system}] if self.system else []), messages
-        turns = []
-        for i in range(0, len(rest) - 1, 2):
-            user, answer = rest[i], rest[i + 1]
-            if user["role"] != "user" or answer["role"] != "assistant":
-                raise ValueError("messages must alternate user, assistant after an optional system message")
-            content = answer["content"] or ""
-            if self.thinking and not self.enable_thinking:
-                content = split_reasoning(content)[1]
-            turns += [{"role": "user", "content": user["content"] or ""}, {"role": "assistant", "content": content}]
-        return head + turns  # a trailing user message without an answer has nothing to train
+        out, last = [], None  # last: the role before, "call" for an assistant message with tool calls
+        for m in rest:
+            role, content = m["role"], m.get("content") or ""
+            allowed = {"user": (None, "assistant"), "assistant": ("user", "tool"), "tool": ("call", "tool")}
+            if last not in allowed.get(role, ()):
+                raise ValueError("messages must alternate user, assistant (tool results after an assistant's tool "
+                                 "calls) after an optional system message")
+            if role == "assistant":
+                if self.thinking and not self.enable_thinking:
+                    content = split_reasoning(content)[1]
+                calls = m.get("tool_calls") or []
+                if isinstance(calls, str):
+                    calls = json.loads(calls)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                out.append(message)
+                last = "call" if calls else "assistant"
+            else:
+                out.append({"role": role, "content": content})
+                last = role
+        while out and out[-1]["role"] != "assistant":  # a question without an answer has nothing to train
+            out.pop()
+        return head + out
 
-    def examples(self, messages: list[dict]) -> list[list[Turn]]:
+    def examples(self, messages: list[dict], tools=None) -> list[list[Turn]]:
         """The training examples of one conversation: [all turns] when it renders as growing prefixes,
-        else one example per assistant turn (its history untrained)."""
+        else one example per assistant turn (its history untrained). `tools`: the conversation's OpenAI
+        tools (or their JSON), rendered where the template puts them; tool results are prompt, never trained."""
         msgs = self.conversation(messages)
+        tools = tool_rules.normalize_tools(tools) or None
         answers = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         prompts, fulls, anchors = [], [], []
         for n, i in enumerate(answers):
-            prompt, full = self.render(msgs[:i], True), self.render(msgs[: i + 1], False)
+            prompt, full = self.render(msgs[:i], True, tools=tools), self.render(msgs[: i + 1], False, tools=tools)
             # where an answer starts once it is history: its generation prompt without the empty think
             # block that enable_thinking false adds (that block is not part of the history's rendering)
-            anchors.append(self.render(msgs[:i], True, thinking=True) if self.thinking and not self.enable_thinking
-                           else prompt)
+            anchors.append(self.render(msgs[:i], True, thinking=True, tools=tools)
+                           if self.thinking and not self.enable_thinking else prompt)
             if not full.startswith(prompt):
                 raise DevopsError(f"the chat template of {self.tok.name_or_path} renders assistant turn {n + 1} "
                                   "differently from its generation prompt, so the answer cannot be cut out of it",
@@ -158,15 +190,15 @@ class Renderer:
             prompts.append(prompt)
             fulls.append(full)
         users = [msgs[i - 1]["content"] for i in answers]
-        trained = [bool(_visible(msgs[i]["content"]).strip()) for i in answers]
+        trained = [bool(_visible(msgs[i]["content"]).strip() or msgs[i].get("tool_calls")) for i in answers]
         if all(prompts[k].startswith(fulls[k - 1]) for k in range(1, len(answers))):
             return [self._one_sequence(prompts, fulls, users, trained)] if answers else []
         return [self._turn_example(k, prompts, fulls, anchors, users, trained[k]) for k in range(len(answers))]
 
-    def last_turn(self, messages: list[dict]) -> list[Turn]:
+    def last_turn(self, messages: list[dict], tools=None) -> list[Turn]:
         """The example that trains the conversation's last answer (dpo: prompt + chosen / rejected):
         the whole sequence of a prefix-stable conversation, else that turn's own example."""
-        examples = self.examples(messages)
+        examples = self.examples(messages, tools)
         if not examples:
             raise ValueError("no assistant answer")
         *history, last = examples[-1]

@@ -22,6 +22,8 @@ from devops_cli.errors import DevopsError
 
 STRINGS = ("prompt", "query", "response", "system", "chosen", "rejected")
 REASONING = "reasoning_content"  # an assistant message's reasoning (vLLM's name; `reasoning` is read as it too)
+# a message's tool fields, kept as JSON text (their shapes vary by record; tools.py reads them back)
+TOOL_FIELDS = ("tool_calls", "function_call", "tool_call_id", "name")
 
 
 def features(entry: DatasetEntry):
@@ -34,11 +36,12 @@ def features(entry: DatasetEntry):
         from datasets import Sequence as List
     c, tags = entry.columns, entry.tags
     text = Value("string")
-    message = {tags["role_tag"]: text, tags["content_tag"]: text, REASONING: text}
+    message = {tags["role_tag"]: text, tags["content_tag"]: text, REASONING: text, **{f: text for f in TOOL_FIELDS}}
     if entry.formatting == "pt":
         return Features({c["prompt"]: text})
     if entry.formatting == "sharegpt":
         out = {c["messages"]: List(message)}
+        out.update({c[k]: text for k in ("system", "tools") if c.get(k) and c[k] in features_names(entry)})
         if entry.kto:
             out[c["kto_tag"]] = Value("bool")
         elif entry.ranking:
@@ -56,15 +59,23 @@ def _text(value):
     return json.dumps(value, ensure_ascii=False)  # checked before launch: only a file changed since gets here
 
 
+def _json_text(value):
+    """A tool field as text: strings as they are (LLaMA-Factory writes JSON strings), anything else as JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _message(entry: DatasetEntry, value):
     if isinstance(value, list):
         value = value[0] if value else None
     if not isinstance(value, dict):
         return None if value is None else {entry.tags["role_tag"]: None, entry.tags["content_tag"]: _text(value),
-                                           REASONING: None}
+                                           REASONING: None, **{f: None for f in TOOL_FIELDS}}
     return {entry.tags["role_tag"]: _text(value.get(entry.tags["role_tag"])),
             entry.tags["content_tag"]: _text(value.get(entry.tags["content_tag"])),
-            REASONING: _text(value.get(REASONING, value.get("reasoning")))}
+            REASONING: _text(value.get(REASONING, value.get("reasoning"))),
+            **{f: _json_text(value.get(f)) for f in TOOL_FIELDS}}
 
 
 def project(entry: DatasetEntry, record: dict) -> dict:
@@ -93,7 +104,8 @@ def features_names(entry: DatasetEntry) -> list[str]:
     if entry.formatting == "pt":
         return [c["prompt"]]
     if entry.formatting == "sharegpt":
-        return [c["messages"]] + ([c["kto_tag"]] if entry.kto else [c["chosen"], c["rejected"]] if entry.ranking else [])
+        extra = [c[k] for k in ("system", "tools") if c.get(k) and not entry.ranking and not entry.kto]
+        return [c["messages"]] + ([c["kto_tag"]] if entry.kto else [c["chosen"], c["rejected"]] if entry.ranking else extra)
     return list(dict.fromkeys([c[role] for role in STRINGS if role in c] + [c["history"]]))
 
 

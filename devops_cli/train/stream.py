@@ -64,7 +64,8 @@ def build(recipe: Recipe, tokenizer):
         out = {"input_ids": [], "labels": []}
         for i, messages in enumerate(batch["messages"]):
             try:
-                examples = data.encode_examples(renderer, messages, recipe.max_source_length, recipe.max_target_length)
+                examples = data.encode_examples(renderer, messages, recipe.max_source_length, recipe.max_target_length,
+                                                batch["tools"][i])
             except ValueError:
                 continue
             for input_ids, labels, _ in examples:
@@ -79,7 +80,7 @@ def build(recipe: Recipe, tokenizer):
     if recipe.stage == "pt":
         stream = stream.map(pack_batch, batched=True, batch_size=PACK_BATCH, remove_columns=["text", *tag])
     else:
-        stream = stream.map(encode_batch, batched=True, batch_size=1000, remove_columns=["messages", *tag])
+        stream = stream.map(encode_batch, batched=True, batch_size=1000, remove_columns=["messages", "tools", *tag])
     eval_set = None
     n = int(recipe.val_size)
     if n:

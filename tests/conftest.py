@@ -18,6 +18,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()), ROOT.parent / "shared")
 
 
+@pytest.fixture(autouse=True)
+def _leaves_the_process_as_it_found_it():
+    """A command run in this process (a one-process training run sets RANK, MASTER_ADDR, MASTER_PORT and
+    opens a process group on a TCPStore) must not leak into the tests after it: their CLI subprocesses
+    would inherit MASTER_PORT and meet EADDRINUSE on the port this process still holds."""
+    saved = dict(os.environ)
+    yield
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from devops_cli.tiny import build

@@ -193,7 +193,8 @@ def test_optional_columns_absent_or_null_in_any_record(work, capsys, tmp_path, t
     raw = data.load_all(r, None)
     assert len(raw) == 30
     assert [m["role"] for m in raw[3]["messages"]] == ["user", "assistant", "user", "assistant"]  # history kept
-    assert raw[5]["messages"][0] == {"role": "system", "content": "Answer briefly."}
+    # standardised turns carry tool_calls ("" for none: data.messages_features)
+    assert raw[5]["messages"][0] == {"role": "system", "content": "Answer briefly.", "tool_calls": ""}
     assert [m["role"] for m in raw[7]["messages"]] == ["user", "assistant"]  # nulls read as empty
 
 

@@ -239,12 +239,31 @@ def run_here(launch: Launch, recipe_path: Path) -> int:
     Ctrl-C and SIGTERM stop it as they stop a torchrun job (130, 143; the command's lifeline handlers
     turn them into KeyboardInterrupt); kill -9 leaves nothing behind (its forked children die with it)."""
     from devops_cli import lifeline
-    from devops_cli.train import worker
+    from devops_cli.train import lean, worker
 
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
-                      MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
-    code = worker.main([str(recipe_path)])
+    given = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
+                 MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
+    before = {k: os.environ.get(k) for k in given}
+    os.environ.update(given)
+    hidden = lean.hidden_now()
+    try:
+        code = worker.main([str(recipe_path)])
+    finally:  # the process (a Python caller's, a test's) goes on: its environment, port and imports as they were
+        _end_process_group()
+        lean.unhide(hidden)
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return lifeline.report() if code == 130 else code
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def process_started() -> float:

@@ -52,3 +52,15 @@ def hide(names: list[str]) -> list[str]:
         sys.modules[name] = None
         hidden.append(name)
     return hidden
+
+
+def hidden_now() -> set[str]:
+    """The optional libraries this process has hidden (sys.modules[name] is None)."""
+    return {name for name in OPTIONAL if name in sys.modules and sys.modules[name] is None}
+
+
+def unhide(keep: set[str]) -> None:
+    """Make importable again what was hidden since hidden_now() returned `keep` (a run in a process that
+    goes on: a Python caller's, a test's)."""
+    for name in hidden_now() - keep:
+        del sys.modules[name]

@@ -78,6 +78,9 @@ def _watch(read_fd: int, grace: float) -> None:
             data = os.read(read_fd, 16)
         except OSError:
             return
+        if not data:  # EOF: the command ended (its __exit__ closed the write end), and so does its watcher
+            os.close(read_fd)
+            return
         signums = [b for b in data if b in (signal.SIGTERM, signal.SIGINT)]
         if signums:
             break

@@ -238,3 +238,24 @@ def test_convert_killed_leaves_a_folder_the_next_run_removes(tmp_path):
     assert code == 143 and run.errors() == ["error: stopped by SIGTERM"], run.text()
     assert temporary() == [] and not out.exists()
     assert f"removed {left[0].name}: the temporary folder of an interrupted convert (its process is gone)" in run.text()
+
+
+def test_a_command_run_in_process_leaves_no_watcher_thread_behind():
+    """Each command's stop watcher ends with the command: a process that runs many commands (a test
+    session, a Python caller) must not pile up watcher threads (they once spun on the closed pipe's EOF,
+    and a test session slowed down as they accumulated)."""
+    import threading
+
+    from devops_cli import lifeline
+
+    def watchers() -> set:
+        return {t for t in threading.enumerate() if t.name == "stop-watch"}
+
+    before = watchers()
+    for _ in range(3):
+        with lifeline.on_stop_signals():
+            assert len(watchers() - before) >= 1
+    deadline = time.monotonic() + 5
+    while watchers() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not watchers() - before

@@ -34,11 +34,17 @@ def check_model_arg(name: str, where: str | None = None) -> None:
         raise DevopsError(f"model directory '{name}' does not exist", where, hint)
 
 
+def offline() -> bool:
+    """Whether the user asked for no hub traffic: HF_HUB_OFFLINE read as huggingface_hub reads it
+    ("1", "true", "yes", "on"; "0" or empty is online). The one reading of the flag."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 @cache
 def hub_reachable(timeout: float = 2.0) -> bool:
     """Whether the Hugging Face hub can be reached from here: not with HF_HUB_OFFLINE set, else a TCP
     connection to its host (HF_ENDPOINT's, or huggingface.co) within `timeout` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if offline():
         return False
     from urllib.parse import urlparse
 

@@ -74,6 +74,11 @@ def test_no_data_dir_and_no_hub(monkeypatch, capsys, tiny_model):
     with pytest.raises(DevopsError) as e:
         evaluate.exam_dir(o)
     assert e.value.line().startswith("--data-dir: no --data-dir, and the Hugging Face hub cannot be reached")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # "0" is online, as huggingface_hub reads it: still the one line
+    with pytest.raises(DevopsError):
+        evaluate.exam_dir(o)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the hub cache is read (load_hub says what is missing)
+    assert evaluate.exam_dir(o) is None
 
 
 def test_right_after_the_demo_in_the_project_folder():

@@ -91,6 +91,7 @@ def test_each_rule_has_one_home():
         r"\"<\|im_start\|>\" in vocab": {"devops_cli/templates.py"},  # has_chatml_tokens
         r"any\(\w+\.iterdir\(\)\) and not": {"devops_cli/outputs.py"},  # new_output_dir
         r"HUB_ID = re\.compile": {"devops_cli/sources.py"},  # is_hub_id
+        r"(environ\.get|getenv)\([\"']HF_HUB_OFFLINE|constants\.HF_HUB_OFFLINE": {"devops_cli/sources.py"},  # offline(): "0" is online
     }
     for pattern, homes in tells.items():
         found = {name for name, t in text.items() if re.search(pattern, t)}

@@ -10,7 +10,6 @@ loads. torch is imported only once scoring is about to start.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import time
@@ -24,7 +23,7 @@ from devops_cli.eval import prompts
 from devops_cli.eval.exam import LETTERS, Subject, load_hub, load_local
 from devops_cli.options import opt
 from devops_cli.outputs import new_output_file, write_file
-from devops_cli.sources import check_model_arg, hub_reachable
+from devops_cli.sources import check_model_arg, hub_reachable, offline
 from devops_cli.train.recipe import is_resolved, read_resolved
 from devops_cli.weights import check_adapter_dir
 
@@ -93,7 +92,7 @@ def exam_dir(o: EvalOptions) -> str | None:
     if local is not None:
         info(f"no --data-dir and the hub cannot be reached: using the exam at {local}")
         return str(local)
-    if os.environ.get("HF_HUB_OFFLINE"):
+    if offline():
         return None  # the user asked for the hub cache: load_hub reads it, or says what is missing
     raise DevopsError("no --data-dir, and the Hugging Face hub cannot be reached for the exam's datasets", "--data-dir",
                       "pass --data-dir DIR with the exam's CSV files (CMMLU / C-Eval layout), or set HF_HUB_OFFLINE=1 "

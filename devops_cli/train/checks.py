@@ -71,10 +71,10 @@ def _model_problems(r: Recipe, errors: list, warnings: list) -> str | None:
             return "qwen2"
         return model_type
     if is_hub_id(r.model_name_or_path):
-        from huggingface_hub import constants, try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(r.model_name_or_path, "config.json"), str):
-            if not constants.HF_HUB_OFFLINE and hub_reachable():  # else machine.problems stops the launch
+            if hub_reachable():  # False when offline(); else machine.problems stops the launch
                 warnings.append(f"model '{r.model_name_or_path}' is not a local directory: it will be downloaded from "
                                 "the hub (if you meant a local path, it does not exist)")
         return None

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, peak_flops, saved_qwen2, shape, write_result  # noqa: E402
+from common import ROOT, peak_flops, saved_qwen2, shape, tokenizer, write_result  # noqa: E402
 
 RUNS = {
     "lora-7b": dict(shape="7b", stage="pt", seq=2048, batch=4,
@@ -79,6 +79,7 @@ def dry_run(spec: dict, work: Path, steps: int) -> str:
     cfg_dir = work / f"config-{spec['shape']}"
     Qwen2Config(**shape(spec["shape"], False), tie_word_embeddings=spec["shape"] == "1.5b",
                 max_position_embeddings=32768).save_pretrained(cfg_dir)  # fmt: skip
+    tokenizer().save_pretrained(cfg_dir)  # the kit's tokenizer: a model folder without one is refused before the plan
     argv = launch_argv(spec, cfg_dir, work / "dry-run", spec["seq"], spec["batch"], steps, True) + ["--dry-run"]
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     if r.returncode:

@@ -23,14 +23,14 @@ from pathlib import Path
 
 from devops_cli.data.chunk import Chunk
 from devops_cli.data.generate import write_atomic
-from devops_cli.data.qa import NearDup, Settings, Tally, fill, grounding, language, load_prompt
+from devops_cli.data.qa import Settings, Tally, fill, grounding, language, load_prompt
 from devops_cli.data.teacher import NOT_ASKED, Teacher, parse_json
 
 HEADER = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
 DEV = 5
 
 
-async def items_of(chunk: Chunk, topics: str, teacher: Teacher, settings: Settings, tally: Tally, dups: NearDup,
+async def items_of(chunk: Chunk, topics: str, teacher: Teacher, settings: Settings, tally: Tally,
                    chars_per_item: int = 600, max_items: int = 3) -> list[dict]:
     lang = language(chunk.text) if settings.language == "auto" else settings.language
     n = max(1, min(max_items, round(len(chunk.text) / chars_per_item)))
@@ -45,10 +45,11 @@ async def items_of(chunk: Chunk, topics: str, teacher: Teacher, settings: Settin
     if not isinstance(items, list):
         tally.reject("not JSON")
         return []
-    return [it for raw in items[:max_items] if (it := check_item(raw, chunk, settings, tally, dups))]
+    return [it for raw in items[:max_items] if (it := check_item(raw, chunk, settings, tally))]
 
 
-def check_item(raw, chunk: Chunk, settings: Settings, tally: Tally, dups: NearDup) -> dict | None:
+def check_item(raw, chunk: Chunk, settings: Settings, tally: Tally) -> dict | None:
+    """A checked item, its options shuffled; duplicates are dropped afterwards, in order (qa.drop_duplicates)."""
     raw = raw if isinstance(raw, dict) else {}
     q, a, wrong, why = raw.get("question"), raw.get("answer"), raw.get("distractors"), raw.get("explanation", "")
     if not (isinstance(q, str) and isinstance(a, str) and isinstance(wrong, list) and isinstance(why, str | type(None))):
@@ -62,15 +63,11 @@ def check_item(raw, chunk: Chunk, settings: Settings, tally: Tally, dups: NearDu
     if grounding(a, chunk.text) < settings.min_grounding:
         tally.reject("not grounded")
         return None
-    if dups.seen(q):
-        tally.reject("duplicate")
-        return None
     rng = random.Random(int(hashlib.sha256(q.encode("utf-8")).hexdigest()[:16], 16))
     right = rng.randrange(4)
     distractors = options[1:]
     rng.shuffle(distractors)
     letters = distractors[:right] + [options[0]] + distractors[right:]
-    tally.kept += 1
     return {"question": q.strip(), "options": letters, "answer": "ABCD"[right], "explanation": (why or "").strip(),
             "source": chunk.source}
 

@@ -96,6 +96,19 @@ class NearDup:
         return False
 
 
+def drop_duplicates(rows: list[dict], key: str, tally: Tally) -> list[dict]:
+    """Exact and near-duplicate questions dropped in the documents' order once every reply is in, so which
+    copy is kept never depends on which request finished first: a rerun from the cache writes the same file."""
+    dups, kept = NearDup(), []
+    for r in rows:
+        if dups.seen(r[key]):
+            tally.reject("duplicate")
+        else:
+            tally.kept += 1
+            kept.append(r)
+    return kept
+
+
 @dataclass
 class Settings:
     chars_per_question: int = 240
@@ -117,7 +130,8 @@ class Tally:
         self.rejected[why] = self.rejected.get(why, 0) + n
 
 
-async def pairs_of(chunk: Chunk, teacher: Teacher, settings: Settings, tally: Tally, dups: NearDup) -> list[dict]:
+async def pairs_of(chunk: Chunk, teacher: Teacher, settings: Settings, tally: Tally) -> list[dict]:
+    """The chunk's grounded pairs; duplicates are dropped afterwards, in the documents' order (drop_duplicates)."""
     lang = language(chunk.text) if settings.language == "auto" else settings.language
     n = max(1, min(settings.max_questions, round(len(chunk.text) / settings.chars_per_question)))
     ask = fill(load_prompt("qa_questions", lang, settings.prompts_dir), title=chunk.title, heading=chunk.heading or "-",
@@ -159,10 +173,6 @@ async def pairs_of(chunk: Chunk, teacher: Teacher, settings: Settings, tally: Ta
         if grounding(a, chunk.text) < settings.min_grounding or not terms(q) & terms(chunk.text):
             tally.reject("not grounded")
             continue
-        if dups.seen(q):
-            tally.reject("duplicate")
-            continue
-        tally.kept += 1
         out.append({"instruction": q, "input": "", "output": a.strip(), "source": chunk.source,
                     "section": chunk.heading})
     return out

@@ -70,7 +70,7 @@ def qa(
 ) -> None:
     """Grounded question–answer pairs from your documents, written by a teacher LLM → sft data."""
     from devops_cli.data import generate as g
-    from devops_cli.data.qa import NearDup, Settings, Tally, fill, load_prompt, pairs_of
+    from devops_cli.data.qa import Settings, Tally, drop_duplicates, fill, load_prompt, pairs_of
     from devops_cli.data.qa import language as lang_of
 
     if fmt not in ("alpaca", "sharegpt"):
@@ -94,17 +94,17 @@ def qa(
     started = time.monotonic()
     teacher = g.make_teacher(output, name, teacher_url, teacher_model, api_key, concurrency, timeout, attempts, max_requests,
                              max_tokens)
-    tally, dups = Tally(chunks=len(chunks)), NearDup()
+    tally = Tally(chunks=len(chunks))
 
     async def main():
         await teacher.resolve_model()
-        return await g.run_all([pairs_of(c, teacher, settings, tally, dups) for c in chunks], len(chunks), "data qa", teacher)
+        return await g.run_all([pairs_of(c, teacher, settings, tally) for c in chunks], len(chunks), "data qa", teacher)
 
     try:
         per_chunk = asyncio.run(main())
     finally:
         teacher.cache.close()
-    rows = [p for ps in per_chunk for p in ps]
+    rows = drop_duplicates([p for ps in per_chunk for p in ps], "instruction", tally)
     if fmt == "sharegpt":
         rows = [{"conversations": [{"from": "human", "value": r["instruction"]}, {"from": "gpt", "value": r["output"]}],
                  "source": r["source"]} for r in rows]
@@ -149,7 +149,7 @@ def exam(
     """A multiple-choice exam of your own documents (DevOps-Eval's CSV layout) → devops-model eval --data-dir."""
     from devops_cli.data import generate as g
     from devops_cli.data.exam import DEV, items_of, write_layout
-    from devops_cli.data.qa import NearDup, Settings, Tally, fill, load_prompt
+    from devops_cli.data.qa import Settings, Tally, drop_duplicates, fill, load_prompt
     from devops_cli.data.qa import language as lang_of
 
     _check_lang(language)
@@ -177,8 +177,8 @@ def exam(
     started = time.monotonic()
     teacher = g.make_teacher(output, "exam", teacher_url, teacher_model, api_key, concurrency, timeout, attempts,
                              max_requests, max_tokens)
-    tally, dups = Tally(chunks=report["chunks"]), NearDup()
-    jobs = [(n, items_of(c, topics[n], teacher, settings, tally, dups, chars_per_question, max_questions))
+    tally = Tally(chunks=report["chunks"])
+    jobs = [(n, items_of(c, topics[n], teacher, settings, tally, chars_per_question, max_questions))
             for n, cs in chunks.items() for c in cs]
 
     async def main():
@@ -190,8 +190,8 @@ def exam(
     finally:
         teacher.cache.close()
     by_subject: dict[str, list[dict]] = {n: [] for n in chunks}
-    for (n, _), got in zip(jobs, items, strict=True):
-        by_subject[n] += got
+    for it in drop_duplicates([dict(it, job=i) for i, got in enumerate(items) for it in got], "question", tally):
+        by_subject[jobs[it.pop("job")][0]].append(it)
     short = {n: len(v) for n, v in by_subject.items() if len(v) <= DEV}
     report = g.summary(report, teacher, tally, started)
     report["items"] = {n: len(v) for n, v in by_subject.items()}

@@ -219,7 +219,7 @@ def taught(tiny_arch, tmp_path_factory):
     write_jsonl(root / "tools.jsonl", TEACH)
     (root / "dataset_info.json").write_text(json.dumps({"tools": {
         "file_name": "tools.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages", "tools": "tools"}}}))
-    out = root / "out"
+    out = tmp_path_factory.mktemp("tool_sft_run") / "out"  # an output may not sit inside the dataset_dir it reads
     start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     run = run_cli("sft", "configs/tiny-sft.yaml", f"model_name_or_path={tiny_arch('qwen3')}", "dataset=tools",
                   f"dataset_dir={root}", f"output_dir={out}", *SFT)

@@ -17,7 +17,9 @@ import pytest
 
 from conftest import ROOT, run_cli
 
-pytestmark = pytest.mark.slow
+# the module's fixture trains two gloo workers for 150 steps: ~1 min alone, several when the other test
+# worker (make test runs two) trains too on the same 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
 TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
 

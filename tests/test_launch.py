@@ -119,3 +119,19 @@ def test_the_roll_call_names_who_did_not_join(monkeypatch):
     assert rendezvous.peer_at("Connection closed by peer [10.0.0.2]:4242") == "node 1 at 10.0.0.2"
     assert rendezvous.tidy("[/__w/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.2]:4242. "
                            "This is typically caused by a remote worker crashing.") == "Connection closed by peer [10.0.0.2]:4242"
+
+
+def test_torchrun_agent_logs_nothing_below_critical():
+    """We report torchrun's failures in one line of ours; its agent's own error logs (the exit barrier's
+    traceback when node 0 closes its store first) stay out. Each elastic module sets its own logger's
+    level, so the parents' level alone did not reach them."""
+    import logging
+
+    import torch.distributed.run  # noqa: F401  (imports the agent, whose logger sets its own level)
+
+    from devops_cli.train import launch
+
+    launch.quiet_torchrun_loggers()
+    for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.rendezvous.dynamic_rendezvous",
+                 "torch.distributed.run"):
+        assert not logging.getLogger(name).isEnabledFor(logging.ERROR), name

@@ -134,7 +134,6 @@ def run(argv: list[str], log_dir: Path, launch: Launch | None = None) -> int:
     other workers, and we name the rank and its log instead of printing torchrun's traceback. A node
     that cannot meet the others within rdzv_timeout says which address it waited on.
     """
-    import logging
 
     quiet_agent_logs()
     from torch.distributed import DistError
@@ -145,8 +144,7 @@ def run(argv: list[str], log_dir: Path, launch: Launch | None = None) -> int:
 
     from devops_cli.console import fail
 
-    for name in ("torch.distributed.elastic", "torch.distributed.run"):  # we report failures ourselves
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    quiet_torchrun_loggers()
     try:
         torchrun(parse_args(argv[1:]))
     except ChildFailedError as e:
@@ -178,6 +176,21 @@ def run(argv: list[str], log_dir: Path, launch: Launch | None = None) -> int:
         fail(rendezvous_failure(e, launch))
         return 2
     return 0
+
+
+TORCHRUN_LOGGERS = ("torch.distributed.elastic", "torch.distributed.run")
+
+
+def quiet_torchrun_loggers() -> None:
+    """torchrun's agent and launcher log nothing below CRITICAL here: we report failures ourselves, in one
+    line. Each of their modules sets its own logger's level (torch's elastic get_logger), so the level goes
+    on every one of them, not only on the parents (a successful multi-node run otherwise ended with the
+    agent's exit-barrier traceback when node 0 closed its store first)."""
+    import logging
+
+    for name in [*TORCHRUN_LOGGERS, *logging.root.manager.loggerDict]:
+        if name.startswith(TORCHRUN_LOGGERS):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def quiet_agent_logs() -> None:

@@ -12,7 +12,7 @@ PIN    := $(if $(shell command -v nvidia-smi 2>/dev/null),,$(CURDIR)/constraints
 # --durations: CI's log shows the slowest tests (and every test's time is in the -vv/-rA output if asked).
 # -n 2 --dist loadfile: two pytest-xdist workers, each test file on one worker (its module fixtures are
 # built once): 56 min on 2 cores (2026-12-04); in one process the last complete CI took 72 min and
-# this session's run was at a third after 26 min (docs/development/testing.md).
+# this session's run was at 59 % after 31 min (docs/development/testing.md).
 # PYTEST="-q" runs the suite in one process.
 PYTEST ?= -q --durations=30 -n 2 --dist loadfile
 

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 
-# the module's fixture trains two gloo workers for 150 steps: ~1 min alone, several when the other test
-# worker (make test runs two) trains too on the same 2 cores
+# the module's fixture trains two gloo workers for 150 steps: ~1 min alone, several when other training
+# shares the 2 cores (PYTEST="-n 2" runs two test workers)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
 TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")

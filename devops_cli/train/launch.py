@@ -134,7 +134,6 @@ def run(argv: list[str], log_dir: Path, launch: Launch | None = None) -> int:
     other workers, and we name the rank and its log instead of printing torchrun's traceback. A node
     that cannot meet the others within rdzv_timeout says which address it waited on.
     """
-
     quiet_agent_logs()
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException

@@ -32,17 +32,20 @@ COMMON = [f"max_steps={STEPS}", f"save_steps={STEPS}", f"eval_steps={STEPS}", "l
           f"bf16={str(CUDA).lower()}", "report_to=none", "plot_loss=false"]  # fmt: skip
 
 
-RUNS = {  # variant -> (stage, recipe, extra keys); all four start at once (one GPU holds them easily)
-    "pt": ("pt", TINY_PT, ["val_size=0.05"]),
-    "full": ("sft", TINY_SFT, []),
-    "lora": ("sft", TINY_SFT, ["finetuning_type=lora", "learning_rate=5e-3"]),
-    "zero3": ("sft", TINY_SFT, [f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}"]),
+RUNS = {  # variant -> (stage, recipe, extra keys, tiny arch); all start at once (one GPU holds them easily)
+    "pt": ("pt", TINY_PT, ["val_size=0.05"], "qwen2"),
+    "full": ("sft", TINY_SFT, [], "qwen2"),
+    "lora": ("sft", TINY_SFT, ["finetuning_type=lora", "learning_rate=5e-3"], "qwen2"),
+    "zero3": ("sft", TINY_SFT, [f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}"], "qwen2"),
+    # the Qwen3 family: every expert and router adapted (peft target_parameters), and Qwen3.5's linear attention
+    "qwen3-moe-lora": ("sft", TINY_SFT, ["finetuning_type=lora", "lora_target=all", "learning_rate=5e-3"], "qwen3-moe"),
+    "qwen3.5-full": ("sft", TINY_SFT, [], "qwen3.5"),
 }  # fmt: skip
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 @pytest.fixture(scope="module")
-def launches(tiny_model, tmp_path_factory) -> dict[str, Path]:
+def launches(tiny_model, tiny_arch, tmp_path_factory) -> dict[str, Path]:
     """`devops-model pt|sft ... nproc_per_node=1` for every variant, as real CLI processes started
     together (the launches' start-up dominates a tiny run; together they take the time of one). Each
     output_dir gets launch.log with the launcher's output and exit code."""
@@ -52,12 +55,13 @@ def launches(tiny_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gpu-train")
     env = {**os.environ, "COLUMNS": "200", **({"NCCL_DEBUG": "INFO"} if CUDA else {})}
     procs = {}
-    for variant, (stage, recipe, keys) in RUNS.items():
+    for variant, (stage, recipe, keys, arch) in RUNS.items():
         if variant == "zero3" and not HAVE_DEEPSPEED:
             continue
         out = root / variant
         log = open(root / f"{variant}.log", "w")
-        argv = [sys.executable, "-m", "devops_cli", stage, recipe, f"model_name_or_path={tiny_model}", f"output_dir={out}",
+        model = tiny_model if arch == "qwen2" else tiny_arch(arch)
+        argv = [sys.executable, "-m", "devops_cli", stage, recipe, f"model_name_or_path={model}", f"output_dir={out}",
                 *COMMON, *keys]  # fmt: skip
         procs[variant] = (subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log, out)
     done = {}
@@ -110,20 +114,22 @@ def test_pt_full_trains_saves_and_loads(launches):
     generates(model, load_tokenizer(str(out), "chatml"))
 
 
-@pytest.mark.parametrize("variant", ["full", "lora", "zero3"])
-def test_sft_trains_saves_and_loads(variant, launches, tiny_model):
+@pytest.mark.parametrize("variant", ["full", "lora", "zero3", "qwen3-moe-lora", "qwen3.5-full"])
+def test_sft_trains_saves_and_loads(variant, launches, tiny_model, tiny_arch):
     from devops_cli.modeling import apply_adapter, load_model, load_tokenizer
 
     out, m = finished(launches, variant)
     assert "eval_loss" in m and math.isfinite(m["eval_loss"])
     dtype = torch.bfloat16 if CUDA else torch.float32
-    if variant == "lora":
+    arch = RUNS[variant][3]
+    base = tiny_model if arch == "qwen2" else tiny_arch(arch)
+    if "lora" in variant:
         assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
-        model = apply_adapter(load_model(str(tiny_model), dtype), out, str(tiny_model))
+        model = apply_adapter(load_model(str(base), dtype), out, str(base))
     else:
         assert (out / "model.safetensors").is_file()
         model = load_model(str(out), dtype)
-    generates(model.to(DEVICE).eval(), load_tokenizer(str(out), "chatml"))
+    generates(model.to(DEVICE).eval(), load_tokenizer(str(out), "auto"))
 
 
 def _exam():
@@ -135,12 +141,12 @@ def _exam():
     return exam()
 
 
-def _eval(model: Path, device: str, dtype: str) -> dict:
+def _eval(model: Path, device: str, dtype: str, limit: int | None = None) -> dict:
     from devops_cli.eval import run
 
     data, real, _ = _exam()
     o = run.EvalOptions(model=str(model), shots=5, data_dir=str(data), subjects=None if real else "all",
-                        device=device, dtype=dtype, limit=4 if PLAN else None)  # fmt: skip
+                        device=device, dtype=dtype, limit=4 if PLAN else limit)  # fmt: skip
     return run.run(o)
 
 
@@ -162,6 +168,21 @@ def test_eval_on_cuda_float32_equals_cpu(tiny_model, eval_cpu):
     diff = (a - b).abs().max().item()
     assert diff <= 1e-3, f"{n} questions: max |logit diff| cuda vs cpu {diff:.3g}"
     print(f"kit: eval cuda float32 vs cpu: {n} questions x 4 logits, max |diff| {diff:.2g}; {how}")
+
+
+@pytest.mark.parametrize("arch", ["qwen3-moe", "qwen3.5"])
+def test_eval_qwen3_family_on_cuda_float32_equals_cpu(arch, tiny_arch):
+    """The MoE's routed experts and Qwen3.5's recurrent prefix state (copied per row by the fast scorer) on
+    CUDA's kernels: the scorer's self-check passes and the logits are the CPU's."""
+    model = tiny_arch(arch)
+    cpu, gpu = _eval(model, "cpu", "float32", limit=20), _eval(model, DEVICE, "float32", limit=20)
+    assert gpu["scorer"] == "fast" == cpu["scorer"], (gpu["scorer"], cpu["scorer"])
+    a = torch.tensor([q["logits"] for q in gpu["questions"]])
+    b = torch.tensor([q["logits"] for q in cpu["questions"]])
+    assert a.shape == b.shape and a.shape[0] > 0
+    diff = (a - b).abs().max().item()
+    assert diff <= 1e-3, f"{arch}: {a.shape[0]} questions: max |logit diff| cuda vs cpu {diff:.3g}"
+    print(f"kit: eval {arch} cuda float32 vs cpu: {a.shape[0]} questions, max |diff| {diff:.2g}, scorer fast")
 
 
 def test_eval_bf16_scorer_passes_its_self_check(tiny_model, eval_cpu):

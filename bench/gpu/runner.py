@@ -52,9 +52,10 @@ def steps(plan: bool, scale: float = 1.0) -> list[Step]:
     flag = ["--plan"] if plan else []
     return [
         Step("env", "info", 60, 40, [PY, str(HERE / "env.py"), *flag], "versions, GPU, nvidia-smi, what travelled"),
-        Step("correctness", "check", 200, 150, [PY, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-rA",
+        Step("correctness", "check", 240, 180, [PY, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-v", "-rA",
                                                 "-p", "no:cacheprovider", "--timeout", f"{180 * scale:.0f}"],
-             "pt/sft full, LoRA, ZeRO-3 (bf16, nccl, 1 GPU); eval cuda fp32 = cpu, bf16 self-check; chat loop = generate; GPTQ int4"),
+             "pt/sft full, LoRA, ZeRO-3, Qwen3-MoE LoRA, Qwen3.5 (bf16, nccl, 1 GPU); eval cuda fp32 = cpu (Qwen2, Qwen3-MoE, "
+             "Qwen3.5), bf16 self-check; chat loop = generate; GPTQ int4"),
         Step("train-lora-7b", "speed", 120, 60, [PY, str(HERE / "train_speed.py"), "--run", "lora-7b", "--steps", "16", *flag],
              "LoRA r=64, 7B shape, 2048-token packed blocks: tokens/s, MFU, peak memory"),
         Step("train-full-1.5b", "speed", 75, 20, [PY, str(HERE / "train_speed.py"), "--run", "full-1.5b", "--steps", "16", *flag],

@@ -105,8 +105,11 @@ def bnb_config(bits: int, kind: str = "nf4", double: bool = True, dtype=None, ze
 
 
 def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implementation: str | None = None,
-               quantization=None):
-    """`quantization`: a bnb_config() to load the weights quantized (on a GPU: onto this rank's GPU)."""
+               quantization=None, device=None):
+    """`quantization`: a bnb_config() to load the weights quantized (on a GPU: onto this rank's GPU).
+    `device`: where the model will run. A GPTQ checkpoint is loaded straight onto it: gptqmodel picks
+    its int4 kernel for the device it loads on, and a CPU kernel moved to cuda afterwards is not one
+    that serves cuda (seen on an H200)."""
     import os
 
     from transformers import AutoModelForCausalLM
@@ -115,9 +118,11 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
     if Path(name).is_dir():
         check_model_dir(Path(name))  # a damaged file is one line naming it, not a loader traceback
     config = Path(name) / "config.json"
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
         import_gptq_quietly()  # a GPTQ checkpoint: no library banners in chat/eval
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        if device is not None:
+            kwargs["device_map"] = {"": str(device)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
@@ -277,7 +282,7 @@ def load_for_inference(model: str | None, adapter: Path | None, dtype: str, devi
         else:
             tok.chat_template = DEFAULT
             warn(f"'{base}' has no chat template and no ChatML tokens: using the Human/Assistant format")
-    loaded = load_model(base, torch_dtype, trust_remote_code)
+    loaded = load_model(base, torch_dtype, trust_remote_code, device=dev)
     if adapter is not None:
         loaded = apply_adapter(loaded, adapter, base)
     return loaded.to(dev).eval(), tok, base

@@ -205,7 +205,10 @@ def test_chat_decode_loop_gives_generates_greedy_tokens(tiny_model, dtype):
     n = 32
     ours: list[int] = []
     with torch.inference_mode():
-        decode.stream(model, ids, {"max_new_tokens": n, "do_sample": False}, [], ours.append, lambda: False)
+        # min_new_tokens with a stop id: its processor's tensors must sit on the logits' device (a chat on
+        # cuda once failed there: torch.isin with the stop ids on cpu)
+        decode.stream(model, ids, {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}, [tok.eos_token_id],
+                      ours.append, lambda: False)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                              do_sample=False, pad_token_id=tok.pad_token_id)
     assert ours == out[0, ids.shape[1]:].tolist()
@@ -241,7 +244,7 @@ def test_quantize_int4_loads_with_a_gpu_kernel_and_answers(tmp_path):
     report = quantize(o)  # what `devops-model quantize` runs, in this process (its imports are paid already)
     assert json.loads((out / "quantize.json").read_text())["output"] == report["output"]
     assert report["device"].startswith(DEVICE.split(":")[0])
-    model = load_model(str(out), torch.float16 if CUDA else torch.float32).to(DEVICE).eval()
+    model = load_model(str(out), torch.float16 if CUDA else torch.float32, device=DEVICE).to(DEVICE).eval()
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     kernels = {type(m).__name__: m for m in model.modules() if isinstance(m, BaseQuantLinear)}

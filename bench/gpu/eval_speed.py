@@ -84,7 +84,7 @@ def main() -> None:
     done = sorted(plain)
     ref = torch.stack([plain[i] for i in done])
     diff = (ref - fast[done]).abs().max().item()
-    tol = guard.tolerance(dtype, ref)
+    tol = guard.tolerance(dtype, ref, scorer.layers)
     differ = sum(a != b for a, b in zip(predict(ref), predict(fast[done])))
     fast_qps, plain_qps = n / fast_s, len(done) / plain_s
     figures = {"questions": n, "exam": how, "real_exam": real, "shots": args.shots, "tokens_scored": tokens,

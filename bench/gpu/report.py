@@ -46,12 +46,12 @@ def render(report: dict) -> str:
 
     train = [steps[n] for n in ("train-lora-7b", "train-full-1.5b", "train-full-1.5b-liger") if n in steps]
     md += ["", "## 2. Training speed (real `devops-model` launches, 1 GPU)", "",
-           "| run | params | seq x batch | steps | tokens/s (loop) | MFU 6N | steady tokens/s | steady MFU 6N | peak GPU GiB | attention |",
+           "| run | params | seq x batch (tokens a step) | steps | tokens/s (loop) | MFU 6N | steady tokens/s | steady MFU 6N | peak GPU GiB | attention |",
            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for s in train:
         f = s["result"].get("figures")
         if f:
-            md.append(f"| {f['run']} ({f['stage']}) | {f['params'] / 1e9:.2f}B | {f['seq']} x {f['batch']} | {f['steps']} | "
+            md.append(f"| {f['run']} ({f['stage']}) | {f['params'] / 1e9:.2f}B | {f['seq']} x {f['batch']} ({f.get('tokens_per_step', 0):,.0f}) | {f['steps']} | "
                       f"{_num(f['tokens_per_s'])} | {_pct(f['mfu_6n'])} | {_num(f['steady_tokens_per_s'])} | "
                       f"{_pct(f['steady_mfu_6n'])} | {f['peak_gpu_allocated_gib']:.1f} | {f['attn_implementation']} |")
         else:

@@ -25,8 +25,9 @@ from devops_cli.hfcompat import cache_kwarg, takes_logits_to_keep
 DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0, "min_new_tokens": 0}
 
 
-def processors(settings: dict, prompt_len: int, stop_ids: list[int]):
-    """transformers' logits processors for these settings, in the order generate() applies them."""
+def processors(settings: dict, prompt_len: int, stop_ids: list[int], device="cpu"):
+    """transformers' logits processors for these settings, in the order generate() applies them, with
+    their tensors on `device` (the logits')."""
     from transformers import (
         LogitsProcessorList,
         MinNewTokensLengthLogitsProcessor,
@@ -41,7 +42,7 @@ def processors(settings: dict, prompt_len: int, stop_ids: list[int]):
     if s["repetition_penalty"] != 1.0:
         out.append(RepetitionPenaltyLogitsProcessor(float(s["repetition_penalty"])))
     if s["min_new_tokens"] > 0 and stop_ids:
-        out.append(MinNewTokensLengthLogitsProcessor(prompt_len, s["min_new_tokens"], torch.tensor(stop_ids)))
+        out.append(MinNewTokensLengthLogitsProcessor(prompt_len, s["min_new_tokens"], torch.tensor(stop_ids, device=device)))
     if s.get("do_sample"):
         if s["temperature"] != 1.0:
             out.append(TemperatureLogitsWarper(float(s["temperature"])))
@@ -62,7 +63,7 @@ def stream(model, input_ids: torch.Tensor, settings: dict, stop_ids: list[int], 
 
     n = input_ids.shape[1]
     steps = settings["max_new_tokens"]
-    chain = processors(settings, n, stop_ids)
+    chain = processors(settings, n, stop_ids, input_ids.device)
     sample = bool(settings.get("do_sample"))
     stop = set(stop_ids)
     # the whole sequence, for the processors that read it (repetition penalty, min new tokens)
@@ -140,12 +141,13 @@ def self_check(model, input_ids: torch.Tensor, settings: dict, steps: int = 4) -
         config = generation_config(greedy, [], output_scores=True, return_dict_in_generate=True)
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
     theirs = out.sequences[0, input_ids.shape[1]:].tolist()
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0
     for step, (a, b) in enumerate(zip(scores, out.scores)):
         b = b.float()
         finite = torch.isfinite(b)
         if not torch.equal(finite, torch.isfinite(a)):
             return f"step {step + 1}: the processors masked different tokens"
-        diff, tol = (a[finite] - b[finite]).abs().max().item(), guard.tolerance(model.dtype, b[finite])
+        diff, tol = (a[finite] - b[finite]).abs().max().item(), guard.tolerance(model.dtype, b[finite], layers)
         if not diff <= tol:
             return f"step {step + 1}: max |score diff| {diff:.3g} > {tol:.3g} in {str(model.dtype).removeprefix('torch.')}"
     if ours != theirs:

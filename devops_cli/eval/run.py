@@ -212,7 +212,10 @@ def load_scoring_model(o: EvalOptions):
     dev = resolve_device(o.device)
     torch_dtype = resolve_dtype(o.dtype, dev)
     device, dtype = str(dev), str(torch_dtype).removeprefix("torch.")
-    model = load_model(o.model, torch_dtype, o.trust_remote_code)
+    try:
+        model = load_model(o.model, torch_dtype, o.trust_remote_code, device=device)
+    except (RuntimeError, AssertionError) as e:  # a GPTQ checkpoint loads onto the device
+        raise DevopsError(f"cannot use device '{device}': {first_line(e)}", "--device") from None
     if o.adapter:
         model = apply_adapter(model, o.adapter, o.model)
     try:

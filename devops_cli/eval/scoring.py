@@ -80,6 +80,7 @@ class Scorer:
         self.cache_name = cache_kwarg(self.decoder)
         self.used = "fast"
         config = model.config.get_text_config()
+        self.layers = getattr(config, "num_hidden_layers", 0) or 0  # the self-check's tolerance grows with depth
         # models that post-process logits (soft-capping, scaling) go through their own head
         self.plain_head = (head is not None and not getattr(config, "final_logit_softcapping", None)
                            and getattr(config, "logit_scale", None) in (None, 1, 1.0))  # fmt: skip
@@ -195,7 +196,8 @@ class Scorer:
                     rows = torch.arange(n, device=self.device)
                     logits = self._logits(hidden[:, 0] if last_only is not None else hidden[rows, last]).cpu()
                     if check and b >= len(members):
-                        diff, tol = (logits[-1] - reference).abs().max().item(), guard.tolerance(self.dtype_name, reference)
+                        diff = (logits[-1] - reference).abs().max().item()
+                        tol = guard.tolerance(self.dtype_name, reference, self.layers)
                         if not diff <= tol:  # NaN fails too
                             raise SelfCheckFailed(probe, diff, tol)
                     for r, (i, _) in enumerate(batch):

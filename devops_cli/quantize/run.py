@@ -190,7 +190,7 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
     tokenizer.save_pretrained(str(staged))
     del model
     t_verify = time.perf_counter()
-    reloaded = load_model(str(staged), dtype, o.trust_remote_code).to(device).eval()
+    reloaded = load_model(str(staged), dtype, o.trust_remote_code, device=device).to(device).eval()
     round_trip = gptq._check_round_trip(quantized, gptq._last_logits(reloaded, probe, device), dtype)
     ppl_after = gptq.perplexity(reloaded, blocks.held, device)
     sample = gptq._generate(reloaded, tokenizer, blocks.held[0][:16], device)

@@ -161,6 +161,30 @@ def test_self_check_catches_a_loop_that_loses_its_cache(tiny_model, monkeypatch,
     assert reply.text == tok.decode([t for t in want.tolist() if t not in s.stop_ids], skip_special_tokens=True)
 
 
+def test_processors_tensors_sit_on_the_logits_device():
+    """min_new_tokens' stop ids on the device the logits are on: on an H200 they were built on cpu and
+    chat on cuda failed in torch.isin (meta stands in for a second device here)."""
+    import torch
+
+    from devops_cli.chat.decode import processors
+
+    (proc,) = processors({"min_new_tokens": 2}, 5, [3, 7], torch.device("meta"))
+    assert proc.eos_token_id.device.type == "meta"
+
+
+def test_half_precision_tolerance_grows_with_depth():
+    import torch
+
+    from devops_cli import guard
+
+    plain = torch.tensor([1.77, -0.3])
+    assert guard.tolerance("bfloat16", plain) == guard.tolerance("bfloat16", plain, 8) == pytest.approx(0.05 * 1.77)
+    # the 28-layer 7B shape in bf16 on an H200: the fast path was 0.106 off at max |logit| 1.77, within bf16 noise
+    deep = guard.tolerance("bfloat16", plain, 28)
+    assert deep == pytest.approx(0.05 * 1.77 * 3.5**0.5) and deep > 0.106
+    assert guard.tolerance(torch.float32, plain, 28) == pytest.approx(1e-3 * 1.77)  # float32 does not widen
+
+
 def test_decode_stops_at_a_stop_id_and_when_asked(fresh):
     import torch
 

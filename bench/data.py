@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--size-mb", type=float, default=50)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp folder)")
+    ap.add_argument("--whole-only", action="store_true", help="only the whole `data corpus` run and its peak RSS "
+                    "(the 1 GB run: --size-mb 1024 --whole-only)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-data-"))
     (work / "bench_data_words.py").parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +182,8 @@ def main() -> None:
         print(f"whole `data corpus`: {s:.1f} s, {len(records) / s:.1f} docs/s, {mb / s:.2f} MB/s; kept "
               f"{report['documents']}, removed {report['near_duplicates']} near + {report['exact_duplicates']} exact; "
               f"peak RSS of its largest process {peak_child / 2**20:.0f} MB")
+        if args.whole_only:
+            return
         ours_s, ours_removed = ours_dedup(records, args.workers)
         ref_s, ref_removed = datatrove_dedup(records, args.workers, work / "datatrove")
         pairs = {p: p.removesuffix("-near") for p in planted}

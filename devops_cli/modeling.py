@@ -8,6 +8,8 @@ from pathlib import Path
 from devops_cli.console import import_gptq_quietly, import_quietly
 from devops_cli.convert.resolve import resolve_model, watch_seq_length
 from devops_cli.errors import DevopsError, first_line
+from devops_cli.sources import check_model_arg, local_config
+from devops_cli.sources import quantization as stored_quantization
 from devops_cli.templates import CHATML, DEFAULT, has_chatml_tokens
 from devops_cli.weights import check_adapter_dir, check_model_dir
 
@@ -117,9 +119,8 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
     name = resolve_model(name)
     if Path(name).is_dir():
         check_model_dir(Path(name))  # a damaged file is one line naming it, not a loader traceback
-    config = Path(name) / "config.json"
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
+    if stored_quantization(local_config(name)):  # a GPTQ checkpoint
         import_gptq_quietly()  # a GPTQ checkpoint: no library banners in chat/eval
         if device is not None:
             kwargs["device_map"] = {"": str(device)}
@@ -262,7 +263,6 @@ def load_for_inference(model: str | None, adapter: Path | None, dtype: str, devi
     """(model on its device in eval mode with the adapter merged, tokenizer with a chat template, name):
     what chat and serve talk to."""
     from devops_cli.console import warn
-    from devops_cli.sources import check_model_arg
 
     if adapter is not None:
         if not adapter.is_dir():

@@ -3,6 +3,7 @@ undamaged weights) or a hub id (owner/name). One rule for every command; no torc
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -32,6 +33,30 @@ def check_model_arg(name: str, where: str | None = None) -> None:
     elif not is_hub_id(name):
         hint = "build the tiny demo model with `devops-model tiny runs/tiny`" if "tiny" in name else "check the path"
         raise DevopsError(f"model directory '{name}' does not exist", where, hint)
+
+
+def local_config(name: str | Path) -> dict | None:
+    """The config.json of a local model folder, or None: a hub id, no such folder, no config, or one
+    that is not a readable JSON object (check_model_arg reports those)."""
+    try:
+        config = json.loads((Path(name).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def is_qwen_v1(config: dict | None) -> bool:
+    """A Qwen v1 checkpoint's config (model_type "qwen" or QWenLMHeadModel): the one rule every command
+    asks (convert/ turns such a model into Qwen2 once)."""
+    return isinstance(config, dict) and (config.get("model_type") == "qwen"
+                                         or "QWenLMHeadModel" in (config.get("architectures") or []))  # fmt: skip
+
+
+def quantization(config: dict | None) -> dict | None:
+    """How a model's weights are stored quantized (its quantization_config: GPTQ from `quantize`, or a
+    hub checkpoint's method), or None for plain weights."""
+    q = config.get("quantization_config") if isinstance(config, dict) else None
+    return q if isinstance(q, dict) else ({"quant_method": "unknown"} if q is not None else None)
 
 
 def offline() -> bool:

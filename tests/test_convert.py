@@ -46,7 +46,8 @@ def _ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 def test_real_configs_map_to_qwen2(kind, want):
     from transformers import Qwen2Config
 
-    from devops_cli.convert.qwen_v1 import is_qwen_v1, qwen2_config
+    from devops_cli.convert.qwen_v1 import qwen2_config
+    from devops_cli.sources import is_qwen_v1, local_config
 
     path = need_shared(CONFIGS[kind]) / CONFIGS[kind]
     c = qwen2_config(json.loads(path.read_text()), path)
@@ -55,7 +56,8 @@ def test_real_configs_map_to_qwen2(kind, want):
     assert c["num_key_value_heads"] == c["num_attention_heads"] and "head_dim" not in c  # kv_channels 128 = h / heads
     assert c["max_position_embeddings"] == c["qwen_v1_seq_length"] and c["tie_word_embeddings"] is False
     assert Qwen2Config(**c).qwen_v1_seq_length == want["qwen_v1_seq_length"]
-    assert not is_qwen_v1(SHARED_V1)  # a folder of configs is not a checkpoint
+    assert is_qwen_v1(json.loads(path.read_text()))  # the one rule every command asks
+    assert local_config(SHARED_V1) is None and not is_qwen_v1(local_config(SHARED_V1))  # a folder of configs is not a checkpoint
 
 
 # --- weights and numerics ------------------------------------------------------------------------

@@ -92,6 +92,8 @@ def test_each_rule_has_one_home():
         r"any\(\w+\.iterdir\(\)\) and not": {"devops_cli/outputs.py"},  # new_output_dir
         r"HUB_ID = re\.compile": {"devops_cli/sources.py"},  # is_hub_id
         r"(environ\.get|getenv)\([\"']HF_HUB_OFFLINE|constants\.HF_HUB_OFFLINE": {"devops_cli/sources.py"},  # offline(): "0" is online
+        r"model_type\"\)\s*==\s*\"qwen\"|QWenLMHeadModel\" in": {"devops_cli/sources.py"},  # is_qwen_v1(config)
+        r"\"quantization_config\" in|get\(\"quantization_config\"\)": {"devops_cli/sources.py"},  # quantization(config)
     }
     for pattern, homes in tells.items():
         found = {name for name, t in text.items() if re.search(pattern, t)}

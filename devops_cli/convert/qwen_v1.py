@@ -23,6 +23,7 @@ from devops_cli.console import info
 from devops_cli.convert.tokenizer import SPECIAL_START, SPECIALS, build_tokenizer, load_ranks
 from devops_cli.errors import DevopsError, first_line
 from devops_cli.outputs import check_name, disk_full, new_output_dir, replace_dir
+from devops_cli.sources import is_qwen_v1
 
 STOP_IDS = [151643, 151645, 151644]  # <|endoftext|>, <|im_end|>, <|im_start|>: v1 chat stops on each
 MARKER = "devops-model-conversion.json"  # written last: its presence means a complete conversion
@@ -48,18 +49,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise DevopsError(f"{path} is not a JSON object")
     return data
-
-
-def _is_v1_config(config: dict) -> bool:
-    return config.get("model_type") == "qwen" or "QWenLMHeadModel" in (config.get("architectures") or [])
-
-
-def is_qwen_v1(path: str | Path) -> bool:
-    """A local directory whose config.json says Qwen v1 (model_type "qwen" / QWenLMHeadModel)."""
-    try:
-        return _is_v1_config(json.loads((Path(path).expanduser() / "config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _pick(v1: dict, where: Path, *keys: str, default=None):
@@ -301,7 +290,7 @@ def convert(src: str | Path, out: str | Path, overwrite: bool = False, max_shard
     if not (src / "config.json").is_file():
         raise DevopsError(f"'{src}' has no config.json, so it is not a model directory")
     v1 = _read_json(src / "config.json")
-    if not _is_v1_config(v1):
+    if not is_qwen_v1(v1):
         raise DevopsError(f"'{src}' is not a Qwen v1 checkpoint (model_type {v1.get('model_type')!r})",
                           hint="only Qwen v1 (model_type \"qwen\") needs converting; load other models directly")
     if not (src / "qwen.tiktoken").is_file():

@@ -15,15 +15,13 @@ from devops_cli.console import err_console, is_rank0, warn
 from devops_cli.convert.qwen_v1 import (
     KEEP,
     MARKER,
-    _is_v1_config,
     _read_json,
     convert,
     fingerprint,
-    is_qwen_v1,
 )
 from devops_cli.errors import DevopsError
 from devops_cli.hfcompat import NEW, OLD
-from devops_cli.sources import is_hub_id
+from devops_cli.sources import is_hub_id, is_qwen_v1, local_config
 
 CACHE_ENV = "DEVOPS_MODEL_CONVERT_CACHE"  # a folder for converted models when next-to-source won't do
 
@@ -41,7 +39,7 @@ def _hub_source(repo_id: str) -> Path | None:
 
         config = try_to_load_from_cache(repo_id, "config.json")
         config = config if isinstance(config, str) else hf_hub_download(repo_id, "config.json")
-        if not _is_v1_config(json.loads(Path(config).read_text(encoding="utf-8"))):
+        if not is_qwen_v1(json.loads(Path(config).read_text(encoding="utf-8"))):
             return None
         _say(f"{repo_id} is a Qwen v1 checkpoint: fetching its weights (its Python code is not needed)")
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.bin", "qwen.tiktoken",
@@ -75,7 +73,7 @@ def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str
 def _resolve(name_or_path: str, cache_dir: str | Path | None) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not is_qwen_v1(path):
+        if not is_qwen_v1(local_config(path)):
             return name_or_path
         src, name = path, None
     elif is_hub_id(name_or_path) and (src := _hub_source(name_or_path)) is not None:

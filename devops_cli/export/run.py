@@ -24,7 +24,7 @@ from devops_cli.console import info, warn
 from devops_cli.errors import DevopsError
 from devops_cli.export import checks, gguf_write, llamacpp
 from devops_cli.outputs import new_output_dir, not_an_input
-from devops_cli.sources import check_model_arg
+from devops_cli.sources import check_model_arg, local_config, quantization
 from devops_cli.weights import check_adapter_dir
 
 NEW_TOKENS = 16
@@ -64,8 +64,7 @@ def check(o: GGUFOptions) -> None:
         check_adapter_dir(Path(o.adapter), "--adapter")
     if o.model:
         check_model_arg(o.model, "--model")
-        config = Path(o.model) / "config.json"
-        if config.is_file() and "quantization_config" in json.loads(config.read_text(encoding="utf-8")):
+        if quantization(local_config(o.model)):
             source = Path(o.model) / "quantize.json"
             src = json.loads(source.read_text(encoding="utf-8")).get("model") if source.is_file() else None
             raise DevopsError(f"'{o.model}' is a quantized (GPTQ) checkpoint", "--model",

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from devops_cli.errors import DevopsError
+from devops_cli.sources import is_qwen_v1, local_config
 
 PREPARED = Path("runs/serve")  # merged adapters and chat templates for vLLM
 
@@ -59,8 +60,7 @@ def model_dir(o, prepare: bool) -> tuple[str, list[str]]:
             out.parent.mkdir(parents=True, exist_ok=True)
             merge_adapter(Path(o.adapter), out, base, o.trust_remote_code)
         return str(out), steps
-    config = Path(model) / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("model_type") == "qwen":
+    if is_qwen_v1(local_config(model)):
         from devops_cli.convert.resolve import cache_path
 
         out = cache_path(Path(model))

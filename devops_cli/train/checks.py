@@ -12,7 +12,7 @@ from pathlib import Path
 from devops_cli import dataset_info, outputs, records
 from devops_cli.errors import DevopsError, DevopsErrors
 from devops_cli.reading import read_json
-from devops_cli.sources import hub_reachable, is_hub_id
+from devops_cli.sources import hub_reachable, is_hub_id, is_qwen_v1, quantization
 from devops_cli.train.recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved, schema
 from devops_cli.train.rundir import LOCK, last_checkpoint, own_checkpoints
 from devops_cli.weights import check_model_dir
@@ -60,11 +60,12 @@ def _model_problems(r: Recipe, errors: list, warnings: list) -> str | None:
             return None
         try:
             check_model_dir(path, where, tokenizer=True)
-            model_type = read_json(config, where).get("model_type")
+            found = read_json(config, where)
+            model_type = found.get("model_type")
         except DevopsError as e:
             errors.append(e)
             return None
-        if model_type == "qwen":  # Qwen v1: the workers load its native Qwen2 conversion (convert/)
+        if is_qwen_v1(found):  # Qwen v1: the workers load its native Qwen2 conversion (convert/)
             from devops_cli.convert.resolve import cache_path
 
             warnings.append(f"'{path}' is a Qwen v1 checkpoint: it is converted once to Qwen2 ({cache_path(path)})")
@@ -92,8 +93,7 @@ def _quantization_problems(r: Recipe, model_type: str | None, errors: list) -> N
         found = read_json(config) if config.is_file() else None
     except DevopsError:  # reported by _model_problems
         found = None
-    quantized = found.get("quantization_config") if isinstance(found, dict) else None
-    method = (quantized or {}).get("quant_method") if isinstance(quantized, dict) else None
+    method = (quantization(found) or {}).get("quant_method")
     if method == "gptq" and r.finetuning_type == "lora" and r.lora_target == "all":
         names = ",".join(LORA_MODULES.get(model_type or "qwen2", LORA_MODULES["qwen2"]))
         errors.append(DevopsError("lora_target: all matches no layer of a GPTQ model (its linear layers are "

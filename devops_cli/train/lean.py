@@ -13,9 +13,9 @@ deepspeed (~0.3 s) is imported by accelerate whenever installed; a run without a
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
+
+from devops_cli.sources import local_config, quantization
 
 QUANTIZERS = ("bitsandbytes", "torchao", "gptqmodel", "optimum")
 OPTIONAL = (*QUANTIZERS, "deepspeed", "trl", "liger_kernel")  # heavy and needed by some runs only
@@ -31,12 +31,8 @@ def unused(model_name_or_path: str, quantization_bit: int | None, deepspeed: boo
     imports it whenever it is installed, to unwrap models), and the quantization libraries when the
     model is a local folder that is not quantized (all of them; bitsandbytes stays for QLoRA)."""
     out = [] if deepspeed else ["deepspeed"]
-    config = Path(model_name_or_path) / "config.json"
-    try:
-        quantized = "quantization_config" in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return out  # a hub id, or no readable config: nothing known about its quantization
-    if quantized:
+    config = local_config(model_name_or_path)
+    if config is None or quantization(config):  # a hub id or no readable config: nothing known; or quantized
         return out
     return [name for name in QUANTIZERS if not (quantization_bit and name == "bitsandbytes")] + out
 

@@ -5,10 +5,10 @@ as data (rendered text, trained character spans, trained token spans, token ids)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from devops_cli.errors import DevopsError
+from devops_cli.sources import is_qwen_v1, local_config
 from devops_cli.train.recipe import Recipe
 
 OPEN, CLOSE = "⟦", "⟧"  # plain-text markers around trained spans (not a TTY)
@@ -18,8 +18,7 @@ def tokenizer_here(name: str) -> str | None:
     """None when the tokenizer can be read on this machine without a download or a conversion, else why not."""
     path = Path(name).expanduser()
     if path.is_dir():
-        config = path / "config.json"
-        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "qwen":
+        if is_qwen_v1(local_config(path)):
             return f"'{name}' is a Qwen v1 checkpoint, converted at launch"
         return None
     try:

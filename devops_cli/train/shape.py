@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from devops_cli.sources import is_qwen_v1
+
 # Shapes of the hub models the shipped recipes name, for when their config.json is neither a local
 # folder nor in the hub cache (the fields of the models' published config.json files that the plan reads).
 KNOWN = {
@@ -86,7 +88,7 @@ class Shape:
 
     @classmethod
     def from_config(cls, c: dict) -> Shape:
-        if c.get("model_type") == "qwen":  # Qwen v1: sized as the Qwen2 model it is converted to
+        if is_qwen_v1(c):  # Qwen v1: sized as the Qwen2 model it is converted to
             from devops_cli.convert.qwen_v1 import qwen2_config
 
             c = {**qwen2_config(c, Path("config.json")), "model_type": "qwen2"}

@@ -36,6 +36,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--docs", type=Path, default=None, help="documents (default: the bundled sample corpus as Markdown)")
+    ap.add_argument("--documents", type=int, default=64, help="bundled documents written (one request each): enough "
+                    "that the batch stays full past the first and last waves")
+    ap.add_argument("--rounds", type=int, default=2, help="1, N alternations (best of each)")
     args = ap.parse_args()
     from devops_cli.tiny import build, bundled_texts
     from kit import Served
@@ -45,14 +48,14 @@ def main() -> None:
     if docs is None:
         docs = work / "docs"
         docs.mkdir()
-        texts = [t for t in bundled_texts() if len(t) > 200][:24]
+        texts = [t for t in bundled_texts() if len(t) > 200][: args.documents]
         for i, t in enumerate(texts):
             (docs / f"doc{i:02d}.md").write_text(f"# Document {i}\n\n{t}\n", encoding="utf-8")
     model = build(work / "tiny")
     server = Served("--model", str(model), "--served-model-name", "tiny", "--max-concurrent", str(max(8, args.concurrency)))
     try:
         rows = []
-        for c in (1, args.concurrency, 1, args.concurrency):  # alternated: the machine's noise hits both
+        for c in (1, args.concurrency) * args.rounds:  # alternated: the machine's noise hits both
             r = run(docs, server.base, work / f"out-{len(rows)}", c, args.max_tokens)
             rows.append((c, r["tokens_out"], r["seconds"], r["requests"]))
             print(f"concurrency {c:3d}: {r['requests']} requests, {r['tokens_out']} tokens out in {r['seconds']:.1f} s "
@@ -60,7 +63,7 @@ def main() -> None:
     finally:
         server.stop()
     best = {c: max(t / s for cc, t, s, _ in rows if cc == c) for c in {1, args.concurrency}}
-    print(f"aggregate teacher tokens/s, concurrency {args.concurrency} vs 1 (best of 2 each): "
+    print(f"aggregate teacher tokens/s, concurrency {args.concurrency} vs 1 (best of {args.rounds} each): "
           f"{best[args.concurrency]:.0f} / {best[1]:.0f} = {best[args.concurrency] / best[1]:.2f}x")
 
 

@@ -34,7 +34,7 @@ def test_dry_mode_runs_every_step_on_cpu(tmp_path):
     assert {s["status"] for s in report["steps"]} == {"ok"}, {k: (s["status"], s["tail"][-800:]) for k, s in steps.items()}
     assert report["mode"].startswith("plan") and report["exit_code"] == 0 and report["budget_s"] == 840
     tests = steps["correctness"]["result"]["tests"]
-    assert len(tests) == 9 and "FAILED" not in tests.values(), tests
+    assert len(tests) == 13 and "FAILED" not in tests.values(), tests  # 9 + the Qwen3 family: 2 launches, 2 evals
     assert tests["test_eval_on_cuda_float32_equals_cpu"] == tests["test_pt_full_trains_saves_and_loads"] == "PASSED"
     lora = steps["train-lora-7b"]["result"]
     assert lora["figures"]["tokens_per_s"] > 0 and lora["figures"]["steady_tokens_per_s"] > 0

@@ -27,6 +27,11 @@ def tolerance(dtype, plain, layers: int = 0) -> float:
     return TOLERANCE.get(name, 5e-2) * depth * max(1.0, plain.abs().max().item())
 
 
+def depth(model) -> int:
+    """A model's number of layers, for tolerance() (0 when its config does not say)."""
+    return getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0
+
+
 def library_versions(*names: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -120,8 +120,8 @@ def load_model(name: str, dtype, trust_remote_code: bool = False, attn_implement
     if Path(name).is_dir():
         check_model_dir(Path(name))  # a damaged file is one line naming it, not a loader traceback
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if stored_quantization(local_config(name)):  # a GPTQ checkpoint
-        import_gptq_quietly()  # a GPTQ checkpoint: no library banners in chat/eval
+    if stored_quantization(local_config(name)):  # a GPTQ checkpoint: no library banners in chat/eval
+        import_gptq_quietly()
         if device is not None:
             kwargs["device_map"] = {"": str(device)}
     if attn_implementation:

@@ -141,7 +141,7 @@ def self_check(model, input_ids: torch.Tensor, settings: dict, steps: int = 4) -
         config = generation_config(greedy, [], output_scores=True, return_dict_in_generate=True)
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
     theirs = out.sequences[0, input_ids.shape[1]:].tolist()
-    layers = getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0
+    layers = guard.depth(model)
     for step, (a, b) in enumerate(zip(scores, out.scores)):
         b = b.float()
         finite = torch.isfinite(b)

@@ -80,7 +80,7 @@ class Scorer:
         self.cache_name = cache_kwarg(self.decoder)
         self.used = "fast"
         config = model.config.get_text_config()
-        self.layers = getattr(config, "num_hidden_layers", 0) or 0  # the self-check's tolerance grows with depth
+        self.layers = guard.depth(model)  # the self-check's tolerance grows with depth
         # models that post-process logits (soft-capping, scaling) go through their own head
         self.plain_head = (head is not None and not getattr(config, "final_logit_softcapping", None)
                            and getattr(config, "logit_scale", None) in (None, 1, 1.0))  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from devops_cli import guard
 from devops_cli.errors import SelfCheckError
 
 MIXED = ("部署失败时先看日志: kubectl logs -n prod deploy/api --since=10m | grep -i error\n"
@@ -101,13 +102,11 @@ def measure(model, blocks, prompt_ids, stop, new_tokens: int, pad_id) -> dict:
             steps.append(torch.cat(out.logits).float())  # (tokens, vocab): each step's logits
     greedy = [g[: g.index(s) + 1] if (s := next((t for t in g if t in stop), None)) is not None else g for g in greedy]
     return {"logits": first, "nll": losses, "perplexity": math.exp(sum(losses) / len(losses)), "greedy": greedy,
-            "step_logits": steps, "layers": getattr(model.config.get_text_config(), "num_hidden_layers", 0) or 0}
+            "step_logits": steps, "layers": guard.depth(model)}
 
 
 def compare_logits(reloaded, reference, source, quant: str) -> dict:
     """The reload computes what the rounded source computes; the rounding's effect is stated."""
-    from devops_cli import guard
-
     scale = max(1.0, source.abs().max().item())
     out = {"scale": scale, "max_abs_diff_vs_source": (reloaded - source).abs().max().item()}
     if reference is not None:
@@ -128,11 +127,9 @@ def greedy_agreement(a: list[list[int]], b: list[list[int]], measured: dict | No
     measure() (its step logits): a parting where a's logit for b's token is within `half` precision's
     noise of a's own choice is a near tie (`margin`, `tolerance`); `agree` = every prompt equal or
     parting at a near tie."""
-    from devops_cli import guard
-
     rows = []
     for i, (x, y) in enumerate(zip(a, b)):
-        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+        n = next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), None)
         equal = x == y
         row = {"equal": equal, "first_difference": None if equal else (n if n is not None else min(len(x), len(y))),
                "tokens": len(x)}  # fmt: skip

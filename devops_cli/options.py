@@ -6,6 +6,8 @@
   with its help and extra flag names; `command()` turns the dataclass into a Typer command with one
   option per field (help and default shown from the field) and a RECIPE argument, a YAML file whose
   keys are the field names; flags given on the command line win over the recipe.
+- `ModelOptions`: the model options (model, adapter, dtype, device, trust_remote_code), declared once;
+  eval's, quantize's and serve's dataclasses inherit them, chat takes them through `flag()`.
 
 No torch import here.
 """
@@ -190,10 +192,39 @@ def apply_flags(values: dict, origin: dict, flags: dict):
     return values, where
 
 
-def command(schema, body, doc: str, recipe_help: str, aliases: dict[str, str] | None = None):
-    """A Typer command: RECIPE plus one option per field of `schema` (--field-name and the field's
-    extra flags; booleans defaulting to None get --x/--no-x, others a switch); it calls
-    body(schema(**values), where) with recipe values overridden by the flags given."""
+@dataclasses.dataclass
+class ModelOptions:
+    """The model options, one declaration: chat, eval, quantize and serve take these flags (and recipe
+    keys) with these defaults and helps; each command checks what it can run (quantize: no mps)."""
+
+    model: str | None = opt(None, "model directory or hub id", "-m", shown="the adapter's base")
+    adapter: str | None = opt(None, "LoRA adapter directory (an sft output_dir)")
+    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
+    device: str = opt("auto", "auto | cpu | cuda[:N] | mps")
+    trust_remote_code: bool = opt(False, "run the model's own Python code")
+
+
+def flag(schema, name: str, shown: str | None = None, panel: str | None = None):
+    """The typer.Option of one field of an options dataclass: --field-name, the field's extra flags, its
+    help with its default as shown (`shown` replaces the field's own). A boolean defaulting to False is
+    a switch (--x), one defaulting to None or True is --x/--no-x."""
+    import typer
+
+    f = next(f for f in dataclasses.fields(schema) if f.name == name)
+    decl = "--" + f.name.replace("_", "-")
+    if allowed(typing.get_type_hints(schema)[name]) in ((bool,), (bool, type(None))) and f.default is not False:
+        decl = f"{decl}/--no-{f.name.replace('_', '-')}"
+    meta = f.metadata
+    shown = shown or meta.get("shown") or (None if f.default in (None, False) else str(f.default))
+    text = meta.get("help", "") + (f" (default: {shown})" if shown else "")
+    return typer.Option(decl, *meta.get("flags", ()), help=text, show_default=False, rich_help_panel=panel)
+
+
+def command(schema, body, doc: str, recipe_help: str, aliases: dict[str, str] | None = None,
+            shown: dict[str, str] | None = None):
+    """A Typer command: RECIPE plus one option per field of `schema` (flag()); it calls
+    body(schema(**values), where) with recipe values overridden by the flags given. `shown`: how a
+    field's default reads in this command's --help where it differs from the field's own."""
     import typer
 
     hints = typing.get_type_hints(schema)
@@ -203,22 +234,12 @@ def command(schema, body, doc: str, recipe_help: str, aliases: dict[str, str] | 
     for f in dataclasses.fields(schema):
         kinds = [k for k in allowed(hints[f.name]) if k is not type(None)]
         base = kinds[0] if len(kinds) == 1 else str
-        flag = "--" + f.name.replace("_", "-")
-        if base is bool and f.default is False:
+        switch = base is bool and f.default is False
+        if switch:
             switches.add(f.name)
-            decls = [flag]
-        elif base is bool:
-            decls = [f"{flag}/--no-{f.name.replace('_', '-')}"]
-        else:
-            decls = [flag]
-        meta = f.metadata
-        shown = meta.get("shown") or (None if f.default in (None, False) else str(f.default))
-        text = meta.get("help", "") + (f" (default: {shown})" if shown else "")
-        switch = f.name in switches
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=False if switch else None,
                                         annotation=Annotated[bool if switch else base | None,
-                                                             typer.Option(*decls, *meta.get("flags", ()), help=text,
-                                                                          show_default=False)]))  # fmt: skip
+                                                             flag(schema, f.name, (shown or {}).get(f.name))]))
 
     def run(**kwargs):
         recipe = kwargs.pop("recipe", None)

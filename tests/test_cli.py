@@ -35,3 +35,27 @@ def test_console_script_and_module_agree():
     r2 = subprocess.run([str(script), "keys"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert r1.returncode == 0 and "max_source_length" in r1.stdout
     assert r2.returncode == 0 and r2.stdout == r1.stdout
+
+
+def test_the_model_options_are_one_declaration():
+    """chat, eval, quantize and serve take --model/--adapter/--dtype/--device/--trust-remote-code from
+    options.ModelOptions: the same flags, help and defaults (eval says its own default model)."""
+    import dataclasses
+
+    import typer
+
+    from devops_cli.cli import app
+    from devops_cli.options import ModelOptions
+
+    group = typer.main.get_command(app)
+    seen: dict[str, dict[str, tuple]] = {}
+    for name in ("chat", "eval", "quantize", "serve"):
+        params = {p.name: p for p in group.commands[name].params}
+        for field in (f.name for f in dataclasses.fields(ModelOptions)):
+            p = params[field]
+            seen.setdefault(field, {})[name] = (tuple(p.opts), p.help)
+    for field, by_command in seen.items():
+        shared = {k: v for k, v in by_command.items() if not (k == "eval" and field == "model")}
+        assert len(set(shared.values())) == 1, (field, by_command)
+    assert seen["model"]["chat"][0] == ("--model", "-m") and "--trust-remote-code" in seen["trust_remote_code"]["serve"][0]
+    assert "the newest finished run" in seen["model"]["eval"][1]

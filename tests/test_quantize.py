@@ -201,10 +201,15 @@ def test_lora_adapter_is_merged_first(trained, tmp_path, capsys):
     peft_model.save_pretrained(adapter)
     merged = peft_model.merge_and_unload().to(torch.float16)
     out = tmp_path / "int4"
-    code, _, err = cli(["quantize", "-m", str(adapter), "-o", str(out), *FAST], capsys)
+    code, _, err = cli(["quantize", "--adapter", str(adapter), "-o", str(out), *FAST], capsys)
     assert code == 0, err
     r = json.loads((out / "quantize.json").read_text())
     assert r["adapter"] == str(adapter)
+    # --model naming the adapter directory reads the same: the adapter onto its base
+    from devops_cli.quantize.run import QuantizeOptions, sources
+
+    assert sources(QuantizeOptions(model=str(adapter))) == sources(QuantizeOptions(adapter=str(adapter))) \
+        == (str(trained), adapter)
     blocks = token_blocks(open_source(None, None, "bundled", "-"), load_tokenizer(str(trained)), 128, 32, 16)
     want = perplexity(merged, blocks.held, "cpu")
     plain = perplexity(load_model(str(trained), torch.float16), blocks.held, "cpu")

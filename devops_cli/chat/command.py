@@ -13,14 +13,15 @@ import typer
 from devops_cli.console import console, err_console, warn
 from devops_cli.errors import DevopsError
 from devops_cli.modeling import load_for_inference as load
-from devops_cli.options import check_seed
+from devops_cli.options import ModelOptions, check_seed, flag
 
 _P = "generation (default: the model's generation_config)"
+_MODEL = ModelOptions()  # the model options' defaults: one declaration (options.ModelOptions)
 
 
 def chat(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="model directory or hub id (default: the adapter's base)", show_default=False)] = None,
-    adapter: Annotated[Path | None, typer.Option("--adapter", help="LoRA adapter directory (an sft output_dir)", show_default=False)] = None,
+    model: Annotated[str | None, flag(ModelOptions, "model")] = _MODEL.model,
+    adapter: Annotated[Path | None, flag(ModelOptions, "adapter")] = _MODEL.adapter,
     system: Annotated[str | None, typer.Option("--system", help='system prompt (default: "You are a helpful assistant.")', show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="answer this once and exit; piped stdin is attached to it", show_default=False)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="one-shot: print {reply, prompt_tokens, completion_tokens, seconds}")] = False,
@@ -31,9 +32,9 @@ def chat(
     repetition_penalty: Annotated[float | None, typer.Option(help=_P, show_default=False, rich_help_panel="Generation")] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed, recorded in transcripts (default: random)", show_default=False, rich_help_panel="Generation")] = None,
     max_window: Annotated[int | None, typer.Option(help="prompt tokens the model sees; older turns drop out (default: context - max_new_tokens)", show_default=False, rich_help_panel="Generation")] = None,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16", rich_help_panel="Model")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps", rich_help_panel="Model")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", rich_help_panel="Model")] = False,
+    dtype: Annotated[str, flag(ModelOptions, "dtype", panel="Model")] = _MODEL.dtype,
+    device: Annotated[str, flag(ModelOptions, "device", panel="Model")] = _MODEL.device,
+    trust_remote_code: Annotated[bool, flag(ModelOptions, "trust_remote_code", panel="Model")] = _MODEL.trust_remote_code,
     stats: Annotated[bool, typer.Option("--stats/--no-stats", help="tokens, seconds and tokens/s after each reply")] = True,
     think: Annotated[bool | None, typer.Option("--think/--no-think", help="thinking models: think before answering, or answer at once (default: the template's; /think, /no_think in the chat)", show_default=False, rich_help_panel="Generation")] = None,
     url: Annotated[str | None, typer.Option("--url", help="an OpenAI-compatible server instead of local weights: http://host:8000/v1", show_default=False, rich_help_panel="Server")] = None,

@@ -47,4 +47,5 @@ def default_model(adapter) -> dict:
 eval_command = command(
     EvalOptions, evaluate,
     doc="The 574-question DevOps exam, 0-5 shots, first-token scoring: [bold]devops-model eval --model PATH --shots 5[/]",
-    recipe_help="eval recipe (configs/eval.yaml); flags override its keys", aliases={"model_name_or_path": "model"})
+    recipe_help="eval recipe (configs/eval.yaml); flags override its keys", aliases={"model_name_or_path": "model"},
+    shown={"model": "the newest finished run under runs/"})

@@ -21,7 +21,7 @@ from devops_cli.console import console, info, warn
 from devops_cli.errors import DevopsError, first_line
 from devops_cli.eval import prompts
 from devops_cli.eval.exam import LETTERS, Subject, load_hub, load_local
-from devops_cli.options import opt
+from devops_cli.options import ModelOptions, opt
 from devops_cli.outputs import new_output_file, write_file
 from devops_cli.sources import check_model_arg, hub_reachable, offline
 from devops_cli.train.recipe import is_resolved, read_resolved
@@ -32,23 +32,19 @@ MAX_SHOTS = 5
 
 
 @dataclass
-class EvalOptions:
-    """The flags of `devops-model eval` and the keys of an eval recipe (options.command builds both)."""
+class EvalOptions(ModelOptions):
+    """The flags of `devops-model eval` and the keys of an eval recipe (options.command builds both);
+    the model options are ModelOptions'."""
 
-    model: str | None = opt(None, "model directory or hub id", "-m", shown="the newest finished run under runs/")
     shots: int = opt(0, "exemplars per question, 0-5", "-k")
     data_dir: str | None = opt(None, "CSVs in CMMLU/C-Eval layout", shown="the hub datasets")
     subjects: str | None = opt(None, "a,b | all", shown="the six DevOps exam subjects")
     protocol: str = opt("devops-eval", "devops-eval | cmmlu | ceval | lm-eval")
     chat: bool | None = opt(None, "ChatML prompt", shown="on for chat models")
     system: str | None = opt(None, "system message for --chat")
-    adapter: str | None = opt(None, "LoRA adapter directory")
     batch_size: str = opt("auto", "N | auto")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
-    device: str = opt("auto", "auto | cpu | cuda[:N] | mps")
     output: str | None = opt(None, "results JSON", "-o", shown="runs/eval/<model>-<protocol>-<k>shot.json")
     limit: int | None = opt(None, "score only the first N questions of each subject")
-    trust_remote_code: bool = opt(False, "run the model's own Python code")
     overwrite: bool = opt(False, "replace an existing --output")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from devops_cli import lifeline
 from devops_cli.console import import_gptq_quietly, info, warn
 from devops_cli.errors import DevopsError
-from devops_cli.options import opt
+from devops_cli.options import ModelOptions, opt
 from devops_cli.outputs import disk_full, new_output_dir, replace_dir
 from devops_cli.quantize import gptq
 from devops_cli.quantize.calibration import open_source, token_blocks
@@ -30,15 +30,15 @@ from devops_cli.weights import check_adapter_dir, check_model_dir
 
 BITS = (4, 8)
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what gptqmodel's QuantizeConfig accepts
-DTYPES = ("float16", "bfloat16")
+DTYPES = ("auto", "float16", "bfloat16")  # auto: float16, what GPTQ kernels compute in
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
-class QuantizeOptions:
-    """The flags of `devops-model quantize` and the keys of a quantize recipe (options.command builds both)."""
+class QuantizeOptions(ModelOptions):
+    """The flags of `devops-model quantize` and the keys of a quantize recipe (options.command builds both);
+    the model options are ModelOptions' (--adapter, or --model naming an adapter dir: merged first)."""
 
-    model: str | None = opt(None, "model directory or hub id, or a LoRA adapter dir (merged first)", "-m")
     output: str | None = opt(None, "directory for the quantized checkpoint", "-o")
     bits: int = opt(4, "4 | 8")
     group_size: int = opt(128, "columns per scale; -1 = one per row")
@@ -51,16 +51,13 @@ class QuantizeOptions:
     calib_seq_len: int = opt(1024, "tokens per sample")
     eval_samples: int = opt(16, "held-out blocks for perplexity before/after")
     dataset_dir: str = opt("bundled", "folder with dataset_info.json for --calib names")
-    dtype: str = opt("float16", "float16 | bfloat16 for the unquantized parts")
-    device: str = opt("auto", "auto | cpu | cuda[:N]")
     overwrite: bool = opt(False, "replace a non-empty --output (only once the new one is verified)")
-    trust_remote_code: bool = opt(False, "run the model's own Python code")
 
 
 def check(o: QuantizeOptions, where=lambda flag: flag) -> None:
     """Flag checks before anything heavy loads; `where(flag)` names the flag or its recipe line."""
-    if not o.model:
-        raise DevopsError("no model given", where("--model"), "pass --model PATH (a model or a LoRA adapter dir)")
+    if not o.model and not o.adapter:
+        raise DevopsError("no model given", where("--model"), "pass --model PATH (a model), or --adapter LORA_DIR")
     if not o.output:
         raise DevopsError("no output directory given", where("--output"), "pass --output DIR")
     if o.bits not in BITS:
@@ -76,10 +73,18 @@ def check(o: QuantizeOptions, where=lambda flag: flag) -> None:
         if value < low:
             raise DevopsError(f"{flag} {value} must be >= {low}", where(flag))
     if o.dtype not in DTYPES:
-        raise DevopsError(f"'{o.dtype}' is not a dtype for GPTQ", where("--dtype"), f"choose {' | '.join(DTYPES)}")
+        raise DevopsError(f"'{o.dtype}' is not a dtype for GPTQ", where("--dtype"),
+                          f"choose {' | '.join(DTYPES)} (the unquantized parts; auto = float16)")
     if o.device != "auto" and o.device != "cpu" and not o.device.startswith("cuda"):
-        raise DevopsError(f"'{o.device}' is not a device", where("--device"), "choose auto | cpu | cuda | cuda:N")
-    src, out = Path(o.model), Path(o.output)
+        raise DevopsError(f"'{o.device}' is not a device for GPTQ", where("--device"), "choose auto | cpu | cuda | cuda:N")
+    out = Path(o.output)
+    if o.adapter:
+        check_adapter_dir(Path(o.adapter), where("--adapter"))
+    if o.adapter and not o.model:
+        _check_architecture(Path(o.adapter), where("--adapter"))
+        new_output_dir(out, o.overwrite, where("--output"), inputs=inputs(o))
+        return
+    src = Path(o.model)
     if src.exists() and not (src / "config.json").is_file() and not (src / "adapter_config.json").is_file():
         raise DevopsError(f"'{o.model}' has neither config.json nor adapter_config.json", where("--model"),
                           "pass a model directory (save_pretrained) or a LoRA adapter directory")
@@ -96,14 +101,22 @@ def check(o: QuantizeOptions, where=lambda flag: flag) -> None:
 def inputs(o: QuantizeOptions) -> list[tuple[str, str | None]]:
     """What quantize reads, which --output may not be, hold or sit in: the model (and an adapter's base)
     and the calibration file or dataset folder."""
-    found = [("model", o.model)]
-    if o.model and (Path(o.model) / "adapter_config.json").is_file():
-        from devops_cli.modeling import adapter_base
-
-        found.append(("adapter's base model", adapter_base(Path(o.model))))
+    model, adapter = sources(o)
+    found = [("model", model)] + ([("adapter", str(adapter))] if adapter else [])
     if o.calib and o.calib != "bundled":
         found.append(("calibration file", o.calib) if Path(o.calib).exists() else ("--dataset-dir", o.dataset_dir))
     return found
+
+
+def sources(o: QuantizeOptions) -> tuple[str, Path | None]:
+    """(the model to load, the adapter merged into it first): --adapter onto --model (default: the
+    adapter's base), or --model naming an adapter directory, onto its base."""
+    from devops_cli.modeling import adapter_base
+
+    adapter = Path(o.adapter) if o.adapter else Path(o.model) if (Path(o.model) / "adapter_config.json").is_file() else None
+    if adapter is None:
+        return o.model, None
+    return (o.model if o.adapter and o.model else adapter_base(adapter)), adapter
 
 
 def _check_architecture(src: Path, where: str) -> None:
@@ -144,12 +157,9 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
     missing = import_gptq_quietly()
     import torch
 
-    from devops_cli.modeling import adapter_base, load_model, load_tokenizer, merge_adapter, tokenizer_source
+    from devops_cli.modeling import load_model, load_tokenizer, merge_adapter, tokenizer_source
 
-    model_path, adapter = o.model, None
-    if (Path(o.model) / "adapter_config.json").is_file():
-        adapter = Path(o.model)
-        model_path = adapter_base(adapter)
+    model_path, adapter = sources(o)
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapter), trust_remote_code=o.trust_remote_code)
     blocks = token_blocks(source, tokenizer, o.calib_seq_len, o.calib_samples, o.eval_samples)
     if missing:  # after the checks of the user's data, so those come first
@@ -161,7 +171,7 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
     info(f"calibration: {len(blocks.calib)} samples x {o.calib_seq_len} tokens from {source.name}; "
          f"{len(blocks.held)} blocks held out for perplexity")
     device = _device(o.device)
-    dtype = getattr(torch, o.dtype)
+    dtype = torch.bfloat16 if o.dtype == "bfloat16" else torch.float16
     if adapter is not None:
         info(f"merging LoRA adapter {adapter} into {model_path} …")
         model_path = str(merge_adapter(adapter, scratch / "merged", model_path, o.trust_remote_code))
@@ -214,7 +224,7 @@ def _run(o: QuantizeOptions, source, out: Path, scratch: Path, t_start: float) -
                   "checkpoint_ratio_vs_fp16": sum(tensors.values()) / fp16_model},
         "seconds": {"load_and_measure": t_quant - t_load, "quantize": seconds_quant, "verify": seconds_verify,
                     "total": time.perf_counter() - t_start, "per_block": seconds_quant / n_blocks},
-        "round_trip_max_logit_diff": round_trip, "sample_generation": sample, "device": str(device), "dtype": o.dtype, "versions": _versions(),
+        "round_trip_max_logit_diff": round_trip, "sample_generation": sample, "device": str(device), "dtype": str(dtype)[6:], "versions": _versions(),
     }  # fmt: skip
     (staged / "quantize.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _replace(staged, out, scratch)

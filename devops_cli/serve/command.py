@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 
 from devops_cli.errors import DevopsError
-from devops_cli.options import command, opt
+from devops_cli.options import ModelOptions, command, opt
 
 DRAIN_S = 8  # seconds SIGTERM lets requests finish before the rest are cut (with an error event)
 
@@ -19,11 +19,9 @@ MAX_BODY_MB = 1024
 
 
 @dataclass
-class ServeOptions:
-    """The flags of `devops-model serve` and the keys of a serve recipe."""
+class ServeOptions(ModelOptions):
+    """The flags of `devops-model serve` and the keys of a serve recipe; the model options are ModelOptions'."""
 
-    model: str | None = opt(None, "model directory or hub id", "-m", shown="the adapter's base")
-    adapter: str | None = opt(None, "LoRA adapter directory, merged in memory")
     host: str = opt("127.0.0.1", "address to bind; any other than 127.0.0.1/localhost needs an API key")
     port: int = opt(8000, "port (0 = any free port)")
     api_key: str | None = opt(None, "clients send 'Authorization: Bearer KEY'", shown="$DEVOPS_MODEL_API_KEY, else none")
@@ -36,11 +34,8 @@ class ServeOptions:
     max_body_mb: float = opt(4.0, "largest request body in MB (413 beyond)")
     engine: str = opt("auto", "auto | hf | serial | vllm (auto: vllm on a CUDA machine where it is installed, else hf)")
     vllm: str | None = opt(None, "a vllm executable or the python of its venv", shown="vllm on PATH")
-    dtype: str = opt("auto", "auto | float32 | bfloat16 | float16")
-    device: str = opt("auto", "auto | cpu | cuda[:N] | mps")
     cors_origin: str | None = opt(None, "allow browser pages of these origins (a,b) to call the API", shown="off")
     log_prompts: bool = opt(False, "write each request's last message to the log")
-    trust_remote_code: bool = opt(False, "run the model's own Python code")
     dry_run: bool = opt(False, "vllm engine: print the vllm argv and exit")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import ROOT, run_cli, run_main, write_jsonl
 
 TINY_DPO = str(ROOT / "configs" / "tiny-dpo.yaml")
 PAIRS = [{"instruction": f"How do I fix problem {i}?", "input": "", "chosen": f"Read the logs of service {i}, then roll back.",
@@ -46,37 +46,37 @@ def _pref_dir(tmp_path: Path, records=PAIRS, entry=None) -> Path:
 # ----------------------------------------------------------------------------------------------
 def test_a_ranking_dataset_for_sft_is_one_line(tiny_model, tmp_path):
     d = _pref_dir(tmp_path)
-    r = run_cli("sft", f"model_name_or_path={tiny_model}", "dataset=pairs", f"dataset_dir={d}", f"output_dir={tmp_path / 'o'}")
+    r = run_main("sft", f"model_name_or_path={tiny_model}", "dataset=pairs", f"dataset_dir={d}", f"output_dir={tmp_path / 'o'}")
     _one_error(r, "ranking", "devops-model dpo")
     assert not (tmp_path / "o").exists()
 
 
 def test_dpo_on_an_sft_dataset_is_one_line(tiny_model, tmp_path):
     d = _pref_dir(tmp_path)
-    r = run_cli("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "dataset=qa", f"dataset_dir={d}", f"output_dir={tmp_path / 'o'}")
+    r = run_main("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "dataset=qa", f"dataset_dir={d}", f"output_dir={tmp_path / 'o'}")
     _one_error(r, "not a ranking dataset", '"ranking": true')
 
 
 def test_chosen_equal_to_rejected_everywhere_is_one_line(tiny_model, tmp_path):
     d = _pref_dir(tmp_path, [{**p, "rejected": p["chosen"]} for p in PAIRS])
-    r = run_cli("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "dataset=pairs", f"dataset_dir={d}", f"output_dir={tmp_path / 'o'}")
+    r = run_main("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "dataset=pairs", f"dataset_dir={d}", f"output_dir={tmp_path / 'o'}")
     _one_error(r, "pairs.jsonl", "chosen equals rejected in every record (12)")
     assert not (tmp_path / "o").exists()
 
 
 def test_a_bad_record_names_its_line(tiny_model, tmp_path):
     d = _pref_dir(tmp_path, PAIRS[:3] + [{"instruction": "q", "chosen": ["not", "a string"], "rejected": "r"}])
-    r = run_cli("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "dataset=pairs", f"dataset_dir={d}", f"output_dir={tmp_path / 'o'}")
+    r = run_main("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "dataset=pairs", f"dataset_dir={d}", f"output_dir={tmp_path / 'o'}")
     _one_error(r, "pairs.jsonl:4", "'chosen' (chosen) must be a string")
 
 
 def test_kto_loss_on_pairs_and_pref_keys_outside_dpo_are_refused(tiny_model, tmp_path):
-    r = run_cli("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "pref_loss=kto", f"output_dir={tmp_path / 'o'}")
+    r = run_main("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "pref_loss=kto", f"output_dir={tmp_path / 'o'}")
     _one_error(r, "chosen/rejected pairs", "pref_loss is kto")
-    r = run_cli("sft", str(ROOT / "configs" / "tiny-sft.yaml"), f"model_name_or_path={tiny_model}", "pref_beta=0.2",
+    r = run_main("sft", str(ROOT / "configs" / "tiny-sft.yaml"), f"model_name_or_path={tiny_model}", "pref_beta=0.2",
                 f"output_dir={tmp_path / 'o'}")
     _one_error(r, "pref_beta is set but stage is sft")
-    r = run_cli("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "pref_loss=dpo", f"output_dir={tmp_path / 'o'}")
+    r = run_main("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", "pref_loss=dpo", f"output_dir={tmp_path / 'o'}")
     _one_error(r, "pref_loss", "sigmoid")
 
 
@@ -137,7 +137,7 @@ def _log(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_dpo_lora_margin_grows_over_30_steps_and_exports(tiny_model, tmp_path):
     out = tmp_path / "dpo"
-    r = _ok(run_cli("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", f"output_dir={out}"))
+    r = _ok(run_main("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", f"output_dir={out}"))
     assert "done" in r.stdout
     logged = [h for h in _log(out) if "rewards/margins" in h]
     assert len(logged) == 6  # every 5 of 30 steps
@@ -149,8 +149,8 @@ def test_dpo_lora_margin_grows_over_30_steps_and_exports(tiny_model, tmp_path):
     assert "trl" in metrics["optional_libraries"] and "bitsandbytes" not in metrics["optional_libraries"]
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()
     merged = tmp_path / "merged"
-    _ok(run_cli("export", "--adapter", str(out), "--output", str(merged)))
-    r = _ok(run_cli("chat", "--model", str(merged), "--temperature", "0", "--max-new-tokens", "8", "--prompt", "how do I roll back?"))
+    _ok(run_main("export", "--adapter", str(out), "--output", str(merged)))
+    r = _ok(run_main("chat", "--model", str(merged), "--temperature", "0", "--max-new-tokens", "8", "--prompt", "how do I roll back?"))
     assert "prompt tokens" in r.stderr and "tokens/s" in r.stderr  # it loaded and generated (a tiny random model may say only spaces)
 
 
@@ -179,7 +179,7 @@ def test_dpo_under_torchrun_and_zero3(variant, tiny_model, tmp_path):
 def test_other_preference_losses_train_in_one_process(loss, tiny_model, tmp_path):
     out = tmp_path / loss
     extra = ["dataset=devops_kto"] if loss == "kto" else []
-    _ok(run_cli("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", f"output_dir={out}", f"pref_loss={loss}",
+    _ok(run_main("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", f"output_dir={out}", f"pref_loss={loss}",
                 "max_steps=20", *extra))
     losses = [h["loss"] for h in _log(out) if "loss" in h]
     assert len(losses) == 4 and losses[-1] < losses[0], losses  # logged every 5 steps, falling

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
@@ -85,7 +85,7 @@ def test_one_process_trains_in_the_cli_and_stops_on_a_signal(sig, code, tiny_mod
 
 def test_dry_run_of_one_process_shows_the_worker_command(tiny_model, tmp_path):
     out = tmp_path / "o"
-    r = _ok(run_cli("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={out}", "nproc_per_node=1", "--dry-run"))
+    r = _ok(run_main("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={out}", "nproc_per_node=1", "--dry-run"))
     assert r.stdout.strip().splitlines()[-1] == f"python -m devops_cli.train.worker {out / 'recipe.yaml'}"
     assert not out.exists()
 
@@ -124,14 +124,14 @@ def test_resumed_padding_free_sft_continues_bit_identically(tiny_model, tmp_path
               "eval_steps=null", "report_to=none", "plot_loss=false", "packing=true",
               "finetuning_type=lora", "lora_dropout=0.1", "learning_rate=5e-3"]  # dropout: the RNG state resumes too
     straight = tmp_path / "straight"
-    _ok(run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={straight}", *common))
+    _ok(run_main("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={straight}", *common))
     assert json.loads((straight / "metrics.json").read_text())["packing"] is True
     # a second run that starts from the straight run's step-6 checkpoint (as a run stopped there would)
     stopped = tmp_path / "stopped"
     stopped.mkdir()
     shutil.copytree(straight / "checkpoint-6", stopped / "checkpoint-6")
     resumed = tmp_path / "resumed"
-    r = _ok(run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={resumed}", *common,
+    r = _ok(run_main("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={resumed}", *common,
                     f"resume_from_checkpoint={stopped / 'checkpoint-6'}"))
     assert "resuming from" in r.stdout
 
@@ -146,12 +146,13 @@ def test_resumed_padding_free_sft_continues_bit_identically(tiny_model, tmp_path
 
 def test_the_same_seed_trains_the_same_lora_adapter(tiny_model, tmp_path):
     """LoRA's A matrices are drawn when the adapter is added, before the Trainer seeds: the recipe's
-    seed must already hold then, or two runs of one recipe differ (torch seeds itself per process)."""
+    seed must already hold then, or two runs of one recipe differ (torch seeds itself per process; here
+    the three runs share this process, whose RNG moves on between them)."""
     common = ["finetuning_type=lora", "max_steps=2", "val_size=0", "eval_steps=null", "report_to=none",
               "plot_loss=false", "save_steps=100"]  # fmt: skip
     first, second, other = tmp_path / "first", tmp_path / "second", tmp_path / "other"
     for out, seed in ((first, 42), (second, 42), (other, 7)):
-        _ok(run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={out}", f"seed={seed}", *common))
+        _ok(run_main("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={out}", f"seed={seed}", *common))
     assert _digest(first) == _digest(second)
     assert _digest(first) != _digest(other)
 
@@ -164,7 +165,7 @@ def test_use_liger_kernel_passes_through_or_says_why_not(tiny_model, tmp_path):
     if shutil.which("nvidia-smi") and importlib.util.find_spec("liger_kernel"):
         pytest.skip("liger-kernel runs here: the GPU kit measures it")
     out = tmp_path / "liger"
-    r = run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={out}", "use_liger_kernel=true")
+    r = run_main("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={out}", "use_liger_kernel=true")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     expected = "liger-kernel is not installed" if importlib.util.find_spec("liger_kernel") is None else "Triton GPU kernels"

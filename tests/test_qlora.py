@@ -10,25 +10,25 @@ from pathlib import Path
 import pytest
 from test_dpo import TINY_DPO, _ok, _one_error
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 
 TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
 LORA = ["finetuning_type=lora", "learning_rate=5e-3", "val_size=0", "eval_steps=null"]
 
 
 def test_quantization_bit_3_is_one_line(tiny_model, tmp_path):
-    r = run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}", *LORA, "quantization_bit=3")
+    r = run_main("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}", *LORA, "quantization_bit=3")
     _one_error(r, "quantization_bit must be 4 or 8, got 3")
     assert not (tmp_path / "o").exists()
 
 
 def test_quantization_with_full_fine_tuning_is_one_line(tiny_model, tmp_path):
-    r = run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}", "quantization_bit=4")
+    r = run_main("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}", "quantization_bit=4")
     _one_error(r, "needs finetuning_type: lora")
 
 
 def test_8_bit_under_zero3_is_one_line(tiny_model, tmp_path):
-    r = run_cli("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}", *LORA,
+    r = run_main("sft", TINY_SFT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}", *LORA,
                 "quantization_bit=8", f"deepspeed={ROOT}/configs/deepspeed/zero3.json")
     _one_error(r, "8-bit", "ZeRO-3")
 
@@ -39,10 +39,10 @@ def test_a_gptq_base_with_lora_target_all_names_the_modules(tiny_model, tmp_path
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (base / "config.json").write_text(json.dumps(config))
-    r = run_cli("sft", TINY_SFT, f"model_name_or_path={base}", f"output_dir={tmp_path / 'o'}", *LORA)
+    r = run_main("sft", TINY_SFT, f"model_name_or_path={base}", f"output_dir={tmp_path / 'o'}", *LORA)
     line = _one_error(r, "lora_target: all matches no layer of a GPTQ model")
     assert "q_proj,k_proj,v_proj,o_proj" in line
-    r = run_cli("sft", TINY_SFT, f"model_name_or_path={base}", f"output_dir={tmp_path / 'o'}", *LORA, "lora_target=all",
+    r = run_main("sft", TINY_SFT, f"model_name_or_path={base}", f"output_dir={tmp_path / 'o'}", *LORA, "lora_target=all",
                 "quantization_bit=4")
     assert "already quantized (gptq)" in r.stderr
 
@@ -64,11 +64,11 @@ def test_qlora_4bit_sft_trains_saves_and_export_merges(tiny_model, tmp_path):
     assert "bitsandbytes" in metrics["optional_libraries"] and "gptqmodel" not in metrics["optional_libraries"]
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     merged = tmp_path / "merged"
-    r = _ok(run_cli("export", "--adapter", str(out), "--output", str(merged)))
+    r = _ok(run_main("export", "--adapter", str(out), "--output", str(merged)))
     assert "4-bit (QLoRA) base" in r.stdout + r.stderr and "unquantized base weights" in r.stdout + r.stderr
     config = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in config  # full-precision weights, loadable anywhere
-    r = _ok(run_cli("chat", "--model", str(merged), "--temperature", "0", "--max-new-tokens", "8", "--prompt", "disk full?"))
+    r = _ok(run_main("chat", "--model", str(merged), "--temperature", "0", "--max-new-tokens", "8", "--prompt", "disk full?"))
     assert "prompt tokens" in r.stderr and "tokens/s" in r.stderr  # it loaded and generated (a tiny random model may say only spaces)
 
 

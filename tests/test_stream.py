@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from test_dpo import _ok, _one_error
 
-from conftest import ROOT, run_cli, write_jsonl
+from conftest import ROOT, run_cli, run_main, write_jsonl
 
 TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
 
 
 def test_streaming_without_max_steps_is_one_line(tiny_model, tmp_path):
-    r = run_cli("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}", "streaming=true",
+    r = run_main("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}", "streaming=true",
                 "max_steps=-1", "val_size=0", "eval_steps=null")
     _one_error(r, "streaming: true needs max_steps")
     assert not (tmp_path / "o").exists()
@@ -28,9 +28,9 @@ def test_streaming_without_max_steps_is_one_line(tiny_model, tmp_path):
 
 def test_streaming_refuses_max_samples_a_val_ratio_and_dpo(tiny_model, tmp_path):
     base = ["pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}", "streaming=true"]
-    _one_error(run_cli(*base, "max_samples=10", "val_size=0", "eval_steps=null"), "max_samples cannot cut a stream")
-    _one_error(run_cli(*base, "val_size=0.05"), "val_size is a count taken from the head of the stream")
-    r = run_cli("dpo", str(ROOT / "configs" / "tiny-dpo.yaml"), f"model_name_or_path={tiny_model}",
+    _one_error(run_main(*base, "max_samples=10", "val_size=0", "eval_steps=null"), "max_samples cannot cut a stream")
+    _one_error(run_main(*base, "val_size=0.05"), "val_size is a count taken from the head of the stream")
+    r = run_main("dpo", str(ROOT / "configs" / "tiny-dpo.yaml"), f"model_name_or_path={tiny_model}",
                 f"output_dir={tmp_path / 'o'}", "streaming=true")
     _one_error(r, "streaming is for pt and sft")
 

@@ -132,21 +132,21 @@ def test_two_nodes_on_one_machine_train_one_job(pt_model, tmp_path):
     assert (out / "logs" / "rank0.log").is_file() and (out / "logs" / "rank1.log").is_file()
 
 
-def _worker_pid(rank: int, timeout: float = 120) -> int:
+def _worker_pid(root: int, rank: int, timeout: float = 120) -> int:
+    """The worker of `rank` among the descendants of `root` (the command this test started): never a
+    process of another checkout's run on the same machine."""
+    import psutil
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
+        for p in psutil.Process(root).children(recursive=True):
             try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
+                if "devops_cli.train.worker" in " ".join(p.cmdline()) and p.environ().get("RANK") == str(rank):
+                    return p.pid
+            except psutil.Error:
                 continue
-            if b"devops_cli.train.worker" in cmd and f"RANK={rank}".encode() in env:
-                return int(pid)
         time.sleep(0.2)
-    raise AssertionError(f"no worker of rank {rank} found")
+    raise AssertionError(f"no worker of rank {rank} under process {root}")
 
 
 def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300):
@@ -162,10 +162,10 @@ def _wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: fl
 def test_kill_9_of_a_worker_names_the_rank_and_a_rerun_resumes(tiny_model, tmp_path):
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "devops_cli", "pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={out}",
-            "nproc_per_node=2", "max_steps=100", "save_steps=20", "eval_steps=1000", "logging_steps=10"]
+            "nproc_per_node=2", "max_steps=40", "save_steps=10", "eval_steps=1000", "logging_steps=10"]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(out, "checkpoint-*", proc)
-    os.kill(_worker_pid(1), signal.SIGKILL)
+    os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL)
     killed_at = time.time()
     stdout, stderr = proc.communicate(timeout=60)
     assert time.time() - killed_at < 30
@@ -175,7 +175,7 @@ def test_kill_9_of_a_worker_names_the_rank_and_a_rerun_resumes(tiny_model, tmp_p
     r = _ok(subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600))
     assert "resuming from" in r.stdout
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 100
+    assert state["global_step"] == 40
     assert json.loads((out / "metrics.json").read_text())["resumed_from"].startswith(str(out / "checkpoint-"))
 
 
@@ -186,7 +186,7 @@ def test_ctrl_c_stops_every_worker(tiny_model, tmp_path):
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     _wait_for(out, "checkpoint-*", proc)
-    pids = [_worker_pid(0), _worker_pid(1)]
+    pids = [_worker_pid(proc.pid, 0), _worker_pid(proc.pid, 1)]
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole foreground group
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]

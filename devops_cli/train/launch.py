@@ -272,10 +272,20 @@ def run_here(launch: Launch, recipe_path: Path) -> int:
 
 
 def _end_process_group() -> None:
+    """The process group goes, and with it accelerate's process-wide state, which remembers it: a second
+    run in the same process (a Python caller's, a notebook's) would otherwise wrap its model in DDP over
+    the destroyed group and crash."""
+    import sys
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
 
 
 def process_started() -> float:

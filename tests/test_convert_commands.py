@@ -18,16 +18,9 @@ def v1_dir(tmp_path_factory):
     return write_v1(tmp_path_factory.mktemp("cmd") / "CodeFuse-DevOps-Model-7B-Chat", cfg, v1_weights(cfg), "bin", 2)
 
 
-def _commands() -> set[str]:
-    r = run_cli("--help")
-    return {c for c in ("chat", "eval") if f" {c} " in r.stdout}
-
-
 def test_chat_converts_once_then_reuses(v1_dir):
-    if "chat" not in _commands():
-        pytest.skip("no chat command in this checkout yet")
     args = ("chat", "--model", str(v1_dir), "--prompt", "hi", "--max-new-tokens", "4", "--temperature", "0", "--json")
-    first = run_cli(*args)
+    first = run_cli(*args)  # fresh processes: each run finds the conversion on disk, as a user's does
     assert first.returncode == 0, first.stderr
     assert "converting it once to native Qwen2" in first.stderr
     reply = json.loads(first.stdout)  # stdout stays pure JSON: conversion news goes to stderr
@@ -43,8 +36,6 @@ def test_chat_converts_once_then_reuses(v1_dir):
 
 def test_eval_runs_on_a_v1_directory(v1_dir, tmp_path):
     exam = SHARED / "data" / "devops-exam"
-    if "eval" not in _commands():
-        pytest.skip("no eval command in this checkout yet")
     if not exam.is_dir():
         pytest.skip(f"needs the exam CSVs in {exam}")
     for run in (1, 2):  # whichever of chat/eval runs first converts; the other reuses
@@ -62,14 +53,13 @@ def test_eval_runs_on_a_v1_directory(v1_dir, tmp_path):
 def test_hub_repo_id_from_the_cache_converts_offline(v1_dir, tmp_path):
     """`--model codefuse-ai/CodeFuse-DevOps-Model-7B-Chat` with the repo in the hub cache (offline):
     converted into DEVOPS_MODEL_CONVERT_CACHE, never into the hub cache itself."""
-    if "chat" not in _commands():
-        pytest.skip("no chat command in this checkout yet")
     repo = tmp_path / "hub" / "models--codefuse-ai--CodeFuse-DevOps-Model-7B-Chat"
     sha = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(sha)
     shutil.copytree(v1_dir, repo / "snapshots" / sha, symlinks=True)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "DEVOPS_MODEL_CONVERT_CACHE": str(tmp_path / "conv")}
+    # a fresh process: huggingface_hub reads HF_HUB_CACHE when it is imported
     r = run_cli("chat", "--model", "codefuse-ai/CodeFuse-DevOps-Model-7B-Chat", "--prompt", "hi", "--max-new-tokens", "2",
                 "--json", env=env)
     assert r.returncode == 0, r.stderr

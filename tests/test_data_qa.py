@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from teacher_double import TeacherDouble
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 from devops_cli.data.chunk import chunk_text
 
 AWS = "AKIAIOSFODNN7EXAMPL3"
@@ -288,7 +288,7 @@ def test_against_our_own_serve_on_a_tiny_model_everything_is_counted(docs, tiny_
 def test_kept_pairs_train_with_sft_and_the_exam_scores_with_eval(docs, teacher, tiny_model, tmp_path):
     out = tmp_path / "qa"
     assert cli("data", "qa", str(docs), "-o", str(out), "--teacher-url", teacher.url, "--min-chars", "100") == 0
-    r = run_cli("sft", str(ROOT / "configs" / "tiny-sft.yaml"), f"model_name_or_path={tiny_model}",
+    r = run_main("sft", str(ROOT / "configs" / "tiny-sft.yaml"), f"model_name_or_path={tiny_model}",
                 f"output_dir={tmp_path / 'sft'}", f"dataset_dir={out}", "dataset=doc_qa", "max_steps=3",
                 "finetuning_type=lora")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 from devops_cli.errors import DevopsError
 from devops_cli.eval import run as evaluate
 from devops_cli.train import recipe
@@ -47,7 +47,7 @@ def workspace(tiny_model, tmp_path):
 
 
 def test_no_model_evaluates_the_newest_run_and_names_it(workspace):
-    r = run_cli("eval", "--shots", "0", "--data-dir", str(BUNDLED_EXAM), "--subjects", "all", "--output", "r.json",
+    r = run_main("eval", "--shots", "0", "--data-dir", str(BUNDLED_EXAM), "--subjects", "all", "--output", "r.json",
                 cwd=workspace)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "no --model: evaluating runs/newer/sft (LoRA on runs/older), the newest run; pass --model to choose" in r.stdout
@@ -56,7 +56,7 @@ def test_no_model_evaluates_the_newest_run_and_names_it(workspace):
 
 
 def test_no_model_and_no_run_is_one_line(tmp_path):
-    r = run_cli("eval", "--shots", "5", cwd=tmp_path)
+    r = run_main("eval", "--shots", "5", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("error: --model: no --model given, and no finished training run under runs/ — pass "
                                 "--model PATH_OR_HUB_ID (or train one: devops-model sft RECIPE)")

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SHARED, run_cli
+from conftest import ROOT, SHARED, run_main
 from devops_cli.eval import prompts
 from devops_cli.eval import run as evaluate
 from devops_cli.eval.scoring import Scorer, common_prefix, plan, predict
@@ -80,7 +80,7 @@ def five_shot(tiny_model, tmp_path_factory):
     if not (DATA / "cmmlu").is_dir():
         pytest.skip(f"exam data not found at {DATA} (../shared)")
     out = tmp_path_factory.mktemp("eval") / "r5.json"
-    r = run_cli("eval", "--model", str(tiny_model), "--shots", "5", "--data-dir", str(DATA), "--output", str(out))
+    r = run_main("eval", "--model", str(tiny_model), "--shots", "5", "--data-dir", str(DATA), "--output", str(out))
     assert r.returncode == 0, r.stderr
     return json.loads(out.read_text(encoding="utf-8")), r.stdout
 
@@ -133,7 +133,7 @@ def test_batched_equals_one_at_a_time_for_all_574(five_shot, tiny_model):
 @needs_data
 def test_cli_zero_shot_scores_all_574(tiny_model, tmp_path):
     out = tmp_path / "r0.json"
-    r = run_cli("eval", "--model", str(tiny_model), "--shots", "0", "--data-dir", str(DATA), "-o", str(out),
+    r = run_main("eval", "--model", str(tiny_model), "--shots", "0", "--data-dir", str(DATA), "-o", str(out),
                 "--batch-size", "16")  # fmt: skip
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text(encoding="utf-8"))

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_main
 from devops_cli.train import memory, recipe
 from devops_cli.train.shape import KNOWN, Shape
 
@@ -106,7 +106,7 @@ def test_moe_lora_sft_trains_every_expert_adapter_and_the_merge_keeps_it(tiny_ar
 
     base = tiny_arch("qwen3-moe")
     out = tmp_path / "lora"
-    run = run_cli("sft", "configs/tiny-sft.yaml", f"model_name_or_path={base}", f"output_dir={out}", "template=auto",
+    run = run_main("sft", "configs/tiny-sft.yaml", f"model_name_or_path={base}", f"output_dir={out}", "template=auto",
                   "finetuning_type=lora", "learning_rate=5e-3", "max_steps=3", "max_samples=8", "val_size=0",
                   "eval_steps=null", "save_steps=100", "plot_loss=false")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -122,7 +122,7 @@ def test_moe_lora_sft_trains_every_expert_adapter_and_the_merge_keeps_it(tiny_ar
         if "lora_B" in key:
             assert value.abs().max() > 0, key
     merged = tmp_path / "merged"
-    run = run_cli("export", "--adapter", str(out), "--output", str(merged))
+    run = run_main("export", "--adapter", str(out), "--output", str(merged))
     assert run.returncode == 0, run.stderr[-2000:]
     ids = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3]])
     with torch.no_grad():

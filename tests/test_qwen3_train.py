@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_main
 
 ARCHES = ["qwen3", "qwen3-moe", "qwen3.5"]
 SHORT = ["max_steps=2", "max_samples=8", "val_size=0", "eval_steps=null", "save_steps=100", "logging_steps=1",
@@ -36,7 +36,7 @@ def _template(folder) -> str:
 def test_sft_multi_turn(arch, kind, tiny_arch, tmp_path):
     out = tmp_path / kind
     extra = ["finetuning_type=lora", "learning_rate=5e-3"] if kind == "lora" else []
-    run = run_cli("sft", "configs/tiny-sft.yaml", f"model_name_or_path={tiny_arch(arch)}", f"output_dir={out}",
+    run = run_main("sft", "configs/tiny-sft.yaml", f"model_name_or_path={tiny_arch(arch)}", f"output_dir={out}",
                   "dataset=devops_chat,devops_qa", *SHORT, *extra)
     assert run.returncode == 0, run.stderr[-3000:]
     m = _metrics(out)
@@ -52,7 +52,7 @@ def test_sft_multi_turn(arch, kind, tiny_arch, tmp_path):
     assert "enable_thinking" in _template(out)  # the saved model keeps the template it was trained in
     if kind == "lora" and arch != "qwen3-moe":  # (MoE: test_moe.py)
         merged = tmp_path / "merged"
-        run = run_cli("export", "--adapter", str(out), "--output", str(merged))
+        run = run_main("export", "--adapter", str(out), "--output", str(merged))
         assert run.returncode == 0, run.stderr[-2000:]
         assert (merged / "model.safetensors").is_file() and "enable_thinking" in _template(merged)
 
@@ -61,7 +61,7 @@ def test_sft_multi_turn(arch, kind, tiny_arch, tmp_path):
 @pytest.mark.parametrize("arch", ARCHES)
 def test_dpo_lora(arch, tiny_arch, tmp_path):
     out = tmp_path / "dpo"
-    run = run_cli("dpo", "configs/tiny-dpo.yaml", f"model_name_or_path={tiny_arch(arch)}", f"output_dir={out}", *SHORT)
+    run = run_main("dpo", "configs/tiny-dpo.yaml", f"model_name_or_path={tiny_arch(arch)}", f"output_dir={out}", *SHORT)
     assert run.returncode == 0, run.stderr[-3000:]
     m = _metrics(out)
     assert m["global_step"] == 2 and "rewards/margins" in m and (out / "adapter_model.safetensors").is_file()
@@ -71,7 +71,7 @@ def test_dpo_lora(arch, tiny_arch, tmp_path):
 @pytest.mark.parametrize("arch", ARCHES)
 def test_pt(arch, tiny_arch, tmp_path):
     out = tmp_path / "pt"
-    run = run_cli("pt", "configs/tiny-pt.yaml", f"model_name_or_path={tiny_arch(arch)}", f"output_dir={out}",
+    run = run_main("pt", "configs/tiny-pt.yaml", f"model_name_or_path={tiny_arch(arch)}", f"output_dir={out}",
                   "max_source_length=128", *SHORT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert _metrics(out)["global_step"] == 2 and math.isfinite(_metrics(out)["train_loss"])

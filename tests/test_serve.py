@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 from kit import Served
 
 openai = pytest.importorskip("openai")
@@ -68,7 +68,7 @@ def test_chat_streamed_equals_non_streamed_and_counts_usage(client):
 
 
 def test_greedy_equals_chat_one_shot(client, tiny_model):
-    r = run_cli("chat", "--model", str(tiny_model), "--prompt", QUESTION, "--temperature", "0",
+    r = run_main("chat", "--model", str(tiny_model), "--prompt", QUESTION, "--temperature", "0",
                 "--max-new-tokens", "24", "--json")
     assert r.returncode == 0, r.stderr
     chat = json.loads(r.stdout)
@@ -173,19 +173,19 @@ def test_cors_preflight_passes_the_key_check_and_401_carries_cors(tiny_model):
 
 
 def test_refusals_before_anything_loads(tiny_model, tmp_path):
-    r = run_cli("serve", "--model", str(tiny_model), "--host", "0.0.0.0", env={"DEVOPS_MODEL_API_KEY": ""})
+    r = run_main("serve", "--model", str(tiny_model), "--host", "0.0.0.0", env={"DEVOPS_MODEL_API_KEY": ""})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "API key" in r.stderr and "--api-key" in r.stderr
-    r = run_cli("serve", "--model", str(tiny_model), "--engine", "tgi")
+    r = run_main("serve", "--model", str(tiny_model), "--engine", "tgi")
     assert r.returncode == 2 and "hf | serial | vllm" in r.stderr
     recipe = tmp_path / "serve.yaml"
     recipe.write_text(f"model: {tiny_model}\nport: 8000\nmax_concurent: 4\n")
-    r = run_cli("serve", str(recipe))
+    r = run_main("serve", str(recipe))
     assert r.returncode == 2 and f"{recipe}:3" in r.stderr and "max_concurrent" in r.stderr
 
 
 def test_vllm_dry_run_prepares_the_argv(tiny_model, tmp_path):
-    r = run_cli("serve", "--model", str(tiny_model), "--engine", "vllm", "--vllm", "/bin/true", "--dry-run",
+    r = run_main("serve", "--model", str(tiny_model), "--engine", "vllm", "--vllm", "/bin/true", "--dry-run",
                 "--api-key", KEY, "--served-model-name", "team-model", "--port", "9000", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     argv = r.stdout.strip().splitlines()[-1].split()
@@ -193,22 +193,22 @@ def test_vllm_dry_run_prepares_the_argv(tiny_model, tmp_path):
     assert argv[argv.index("--served-model-name") + 1] == "team-model"
     assert argv[argv.index("--port") + 1] == "9000" and argv[argv.index("--api-key") + 1] == "'***'"
     assert KEY not in r.stdout and not (tmp_path / "runs").exists()  # a dry run writes nothing
-    r = run_cli("serve", "--model", str(tiny_model), "--engine", "vllm", "--dry-run", env={"PATH": "/usr/bin:/bin"})
+    r = run_main("serve", "--model", str(tiny_model), "--engine", "vllm", "--dry-run", env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 0 and r.stdout.strip().splitlines()[-1].startswith("vllm serve ")  # vLLM not needed here
-    r = run_cli("serve", "--model", str(tiny_model), "--engine", "vllm", "--vllm", str(tmp_path / "none"))
+    r = run_main("serve", "--model", str(tiny_model), "--engine", "vllm", "--vllm", str(tmp_path / "none"))
     assert r.returncode == 2 and "--vllm" in r.stderr
 
 
 def test_chat_url_one_shot_piped_and_repl(server, client, tmp_path):
     url = ["--url", server.base, "--temperature", "0", "--max-new-tokens", "16"]
-    r = run_cli("chat", *url, "--prompt", QUESTION, "--json")
+    r = run_main("chat", *url, "--prompt", QUESTION, "--json")
     assert r.returncode == 0, r.stderr
     remote = json.loads(r.stdout)
     served = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTION}],
                                             max_tokens=16, temperature=0)
     assert remote["reply"] == served.choices[0].message.content
     assert remote["prompt_tokens"] == served.usage.prompt_tokens  # the server's own count
-    r = run_cli("chat", *url, "--prompt", "why does it crash?", "--json", input="OOMKilled: exit code 137\n")
+    r = run_main("chat", *url, "--prompt", "why does it crash?", "--json", input="OOMKilled: exit code 137\n")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["prompt_tokens"] > remote["prompt_tokens"] - 10  # the log went with it
 
@@ -230,9 +230,9 @@ def pexpect_eof():
 
 
 def test_chat_url_errors_are_one_line(server):
-    r = run_cli("chat", "--url", "http://127.0.0.1:1/v1", "--prompt", "hi")
+    r = run_main("chat", "--url", "http://127.0.0.1:1/v1", "--prompt", "hi")
     assert r.returncode == 2 and "cannot reach" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run_cli("chat", "--url", server.base, "--served-model-name", "nope", "--prompt", "hi")
+    r = run_main("chat", "--url", server.base, "--served-model-name", "nope", "--prompt", "hi")
     assert r.returncode == 2 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_dpo import _ok, _one_error
 
-from conftest import ROOT, run_cli, run_main, write_jsonl
+from conftest import ROOT, run_main, write_jsonl
 
 TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
 

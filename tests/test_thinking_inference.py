@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_main
 
 REASONING = "The container restarts: check its logs."
 ANSWER = "Run kubectl describe pod"
@@ -166,10 +166,10 @@ def test_the_openai_sdk_and_chat_url_read_the_reasoning(served):
     assert r.choices[0].message.content == ANSWER and r.choices[0].message.reasoning_content == REASONING
 
     url = ["chat", "--url", served.base, "--prompt", "My pod keeps restarting.", "--temperature", "0", "--json"]
-    out = run_cli(*url)
+    out = run_main(*url)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["reply"] == ANSWER and json.loads(out.stdout)["reasoning"] == REASONING
-    out = run_cli(*url, "--no-think")
+    out = run_main(*url, "--no-think")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["reply"] == ANSWER and "reasoning" not in json.loads(out.stdout)
 
@@ -178,15 +178,15 @@ def test_the_openai_sdk_and_chat_url_read_the_reasoning(served):
 @pytest.mark.slow
 def test_chat_one_shot_thinks_or_not(scripted, tiny_model):
     ask = ["chat", "--model", str(scripted), "--prompt", "My pod keeps restarting.", "--temperature", "0"]
-    r = run_cli(*ask, "--json")
+    r = run_main(*ask, "--json")
     assert r.returncode == 0, r.stderr
     assert {k: v for k, v in json.loads(r.stdout).items() if k in ("reply", "reasoning")} == \
         {"reply": ANSWER, "reasoning": REASONING}
-    r = run_cli(*ask, "--json", "--no-think")
+    r = run_main(*ask, "--json", "--no-think")
     assert r.returncode == 0 and json.loads(r.stdout)["reply"] == ANSWER and "reasoning" not in json.loads(r.stdout)
-    r = run_cli(*ask)  # piped output: the answer only
+    r = run_main(*ask)  # piped output: the answer only
     assert r.returncode == 0 and r.stdout.strip() == ANSWER
-    r = run_cli("chat", "--model", str(tiny_model), "--prompt", "hi", "--think")
+    r = run_main("chat", "--model", str(tiny_model), "--prompt", "hi", "--think")
     assert r.returncode == 2 and "thinking" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -214,6 +214,6 @@ def test_repl_shows_reasoning_dimmed_and_switches_thinking(scripted, tmp_path):
 
 def test_vllm_gets_its_reasoning_parser_for_a_thinking_template(tiny_arch, tiny_model, tmp_path):
     for model, parser in ((tiny_arch("qwen3"), True), (tiny_model, False)):
-        r = run_cli("serve", "--model", str(model), "--engine", "vllm", "--vllm", "/bin/true", "--dry-run", cwd=tmp_path)
+        r = run_main("serve", "--model", str(model), "--engine", "vllm", "--vllm", "/bin/true", "--dry-run", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert ("--reasoning-parser qwen3" in r.stdout) == parser, r.stdout

@@ -4,20 +4,21 @@ ChatSession on the real tiny model, log-aware input, transcripts and secret reda
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_main
 from devops_cli.chat import loginput, transcript
 from devops_cli.errors import DevopsError
 
 
-def chat(*args: str, stdin: str = "", **kwargs) -> subprocess.CompletedProcess:
-    return run_cli("chat", *args, input=stdin, **kwargs)
+def chat(*args: str, stdin: str = "", **kwargs):
+    """`devops-model chat ARGS` in this process, `stdin` piped in (what is tested is the command's
+    output and exit code, not a fresh interpreter)."""
+    return run_main("chat", *args, input=stdin, **kwargs)
 
 
-def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
+def one_line_error(r, *fragments: str) -> None:
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     lines = [line for line in r.stderr.splitlines() if line.strip() and "real_accelerator" not in line]

@@ -1,10 +1,12 @@
-"""Shared fixtures: the tiny model (built once per session), sample datasets, and a CLI runner.
+"""Shared fixtures: the tiny model (built once per session), the trained kit (pt -> sft LoRA -> merged ->
+int4, built once per session on first use), sample datasets, and the CLI runners.
 
 Nothing here downloads: models are built in code, data is written by the tests or bundled.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -55,6 +57,55 @@ def tiny_arch(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+class TrainedKit:
+    """The tiny model through the workflow, each stage built once per session when a test first asks:
+    `pt` (configs/tiny-pt.yaml, two gloo workers under torchrun, PT_STEPS steps), `sft` (a LoRA adapter
+    on pt: configs/tiny-sft.yaml, SFT_STEPS steps, in this process), `merged` (export --adapter sft) and
+    `int4` (quantize merged: GPTQ on the bundled corpus). Tests that only read a trained model share it;
+    none may write into it."""
+
+    PT_STEPS, SFT_STEPS = 60, 20
+
+    def __init__(self, base: Path, root: Path):
+        self.base, self.root = base, root
+
+    @functools.cached_property
+    def pt(self) -> Path:
+        out = self.root / "pt"
+        r = run_cli("pt", str(ROOT / "configs" / "tiny-pt.yaml"), f"model_name_or_path={self.base}", f"output_dir={out}",
+                    "nproc_per_node=2", f"max_steps={self.PT_STEPS}")  # fmt: skip
+        assert r.returncode == 0, f"kit pt: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return out
+
+    @functools.cached_property
+    def sft(self) -> Path:
+        out = self.root / "sft"
+        r = run_main("sft", str(ROOT / "configs" / "tiny-sft.yaml"), f"model_name_or_path={self.pt}", f"output_dir={out}",
+                     "finetuning_type=lora", "learning_rate=5e-3", f"max_steps={self.SFT_STEPS}")  # fmt: skip
+        assert r.returncode == 0, f"kit sft: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return out
+
+    @functools.cached_property
+    def merged(self) -> Path:
+        out = self.root / "merged"
+        r = run_main("export", "--adapter", str(self.sft), "--output", str(out))
+        assert r.returncode == 0, f"kit export: exit {r.returncode}\n{r.stderr[-3000:]}"
+        return out
+
+    @functools.cached_property
+    def int4(self) -> Path:
+        out = self.root / "int4"
+        r = run_main("quantize", "--model", str(self.merged), "--output", str(out), "--calib-seq-len", "256",
+                     "--calib-samples", "64")  # fmt: skip
+        assert r.returncode == 0, f"kit quantize: exit {r.returncode}\n{r.stderr[-3000:]}"
+        return out
+
+
+@pytest.fixture(scope="session")
+def kit(tiny_model, tmp_path_factory) -> TrainedKit:
+    return TrainedKit(tiny_model, tmp_path_factory.mktemp("kit"))
 
 
 @pytest.fixture(scope="session")

@@ -305,14 +305,15 @@ def _adapter(base, out):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft's use of a deprecated transformers name
-def test_adapter_for_this_base_works_and_for_another_base_is_one_line(tiny_model, tmp_path):
+def test_adapter_for_this_base_works_and_for_another_base_is_one_line(kit, tiny_model, tmp_path):
     from devops_cli.tiny import build
 
-    good = _adapter(tiny_model, tmp_path / "good")  # LoRA B starts at zero: merged == base
     args = ("--prompt", "what is a pod?", "--json", "--max-new-tokens", "6")
-    with_adapter = chat("--adapter", str(good), *args)  # base read from adapter_config.json
+    with_adapter = chat("--adapter", str(kit.sft), *args)  # a trained LoRA; its base read from adapter_config.json
     assert with_adapter.returncode == 0, with_adapter.stderr
-    assert json.loads(with_adapter.stdout)["reply"] == json.loads(chat("--model", str(tiny_model), *args).stdout)["reply"]
+    merged = chat("--model", str(kit.merged), *args)  # the same weights, merged on disk by export
+    assert json.loads(with_adapter.stdout)["reply"] == json.loads(merged.stdout)["reply"]
+    assert json.loads(with_adapter.stdout)["reply"] != json.loads(chat("--model", str(kit.pt), *args).stdout)["reply"]
     other = _adapter(build(tmp_path / "other", hidden_size=64, num_heads=4, num_kv_heads=2), tmp_path / "other-lora")
     one_line_error(chat("--model", str(tiny_model), "--adapter", str(other), *args), "does not fit model", "size mismatch")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 pytestmark = pytest.mark.slow
 TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
@@ -23,9 +23,13 @@ TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
 ENV = {**os.environ, "COLUMNS": "400"}
 
 
+def pt_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["pt", TINY_PT, f"model_name_or_path={model}", f"output_dir={out}", "val_size=0", "eval_steps=null",
+            "logging_steps=5", *extra]  # fmt: skip
+
+
 def pt_argv(model: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "devops_cli", "pt", TINY_PT, f"model_name_or_path={model}", f"output_dir={out}",
-            "val_size=0", "eval_steps=null", "logging_steps=5", *extra]  # fmt: skip
+    return [sys.executable, "-m", "devops_cli", *pt_args(model, out, *extra)]
 
 
 def workers_of(out: Path) -> list[int]:
@@ -103,8 +107,8 @@ def test_disk_full_mid_save_is_one_line_and_a_rerun_resumes(tiny_model, tmp_path
     _mount_tmpfs(disk, 17)
     try:
         out = disk / "run"
-        argv = pt_argv(tiny_model, out, "nproc_per_node=1", "max_steps=40", "save_steps=10", "report_to=none")
-        r = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        args = pt_args(tiny_model, out, "nproc_per_node=1", "max_steps=20", "save_steps=10", "report_to=none")
+        r = run_main(*args)  # one process: the run is this one
         assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
         assert "Traceback" not in r.stderr
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -113,24 +117,24 @@ def test_disk_full_mid_save_is_one_line_and_a_rerun_resumes(tiny_model, tmp_path
         assert "a rerun resumes from checkpoint-10" in errors[0], errors[0]
         print(errors[0])
         subprocess.run(["mount", "-o", "remount,size=200M", str(disk)], check=True)
-        r = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        r = run_main(*args)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"resuming from {out / 'checkpoint-10'}" in r.stdout
-        assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 40
+        assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 20
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_overwrite_output_dir_removes_only_this_tools_checkpoints(tiny_model, tmp_path):
     out = tmp_path / "run"
-    argv = pt_argv(tiny_model, out, "nproc_per_node=1", "max_steps=4", "save_steps=2", "report_to=none")
-    assert subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600).returncode == 0
+    args = pt_args(tiny_model, out, "nproc_per_node=1", "max_steps=4", "save_steps=2", "report_to=none")
+    assert run_main(*args).returncode == 0
     mine = out / "checkpoint-7"
     mine.mkdir()
     (mine / "README").write_text("my notes on the run that got us here")
     (mine / "trainer_state.json").write_text("{}")  # looks like a checkpoint, but this run did not make it
     digest = hashlib.sha256((mine / "README").read_bytes()).hexdigest()
-    r = subprocess.run([*argv, "overwrite_output_dir=true", "seed=7"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    r = run_main(*args, "overwrite_output_dir=true", "seed=7")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "overwrite_output_dir: removed checkpoint-2, checkpoint-4" in r.stdout
     assert "kept checkpoint-7" in r.stderr and "not written by devops-model" in r.stderr

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import run_cli, run_main, write_jsonl
+from conftest import run_main, write_jsonl
 from devops_cli.serve.respond import ReplySplit
 
 STATS = r"\d+ tokens · [\d.]+ s · [\d.]+ tokens/s"
@@ -220,10 +220,10 @@ def taught(tiny_arch, tmp_path_factory):
     (root / "dataset_info.json").write_text(json.dumps({"tools": {
         "file_name": "tools.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages", "tools": "tools"}}}))
     out = tmp_path_factory.mktemp("tool_sft_run") / "out"  # an output may not sit inside the dataset_dir it reads
-    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    run = run_cli("sft", "configs/tiny-sft.yaml", f"model_name_or_path={tiny_arch('qwen3')}", "dataset=tools",
-                  f"dataset_dir={root}", f"output_dir={out}", *SFT)
-    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    run = run_main("sft", "configs/tiny-sft.yaml", f"model_name_or_path={tiny_arch('qwen3')}", "dataset=tools",
+                   f"dataset_dir={root}", f"output_dir={out}", *SFT)  # one process: in this one
+    used = resource.getrusage(resource.RUSAGE_SELF)
     print(f"tool sft: {time.perf_counter() - start:.0f} s wall, "
           f"{used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime:.0f} s CPU")
     assert run.returncode == 0, run.stderr[-3000:]

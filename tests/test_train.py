@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 
-# the module's fixture trains two gloo workers for 150 steps: ~1 min alone, several when other training
-# shares the 2 cores (PYTEST="-n 2" runs two test workers)
+# the session's kit trains two gloo workers (its pt stage) when the first test asks: under a minute alone,
+# several when other training shares the 2 cores (PYTEST="-n 2" runs two test workers)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 TINY_PT = str(ROOT / "configs" / "tiny-pt.yaml")
 TINY_SFT = str(ROOT / "configs" / "tiny-sft.yaml")
@@ -53,19 +53,18 @@ def _load_and_generate(path: Path, adapter: bool = False) -> str:
 
 
 @pytest.fixture(scope="module")
-def pt_model(tiny_model, tmp_path_factory) -> Path:
-    """`devops-model pt configs/tiny-pt.yaml nproc_per_node=2` — two gloo workers."""
-    out = tmp_path_factory.mktemp("pt") / "out"
-    _ok(run_cli("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={out}", "nproc_per_node=2"))
-    return out
+def pt_model(kit) -> Path:
+    """`devops-model pt configs/tiny-pt.yaml nproc_per_node=2` — two gloo workers (the session kit's pt)."""
+    return kit.pt
 
 
-def test_pt_two_workers_loss_falls_and_checkpoint_loads(pt_model):
+def test_pt_two_workers_loss_falls_and_checkpoint_loads(pt_model, kit):
+    steps = kit.PT_STEPS
     metrics = json.loads((pt_model / "metrics.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["global_step"] == 150
+    assert metrics["world_size"] == 2 and metrics["global_step"] == steps
     assert metrics["data"]["blocks"] > 100 and metrics["train_tokens_per_second"] > 0
-    # one DDP job: the token count is gathered over both workers (2 x 150 steps x 8 blocks x 256 tokens)
-    assert metrics["train_tokens"] == 2 * 150 * 8 * 256
+    # one DDP job: the token count is gathered over both workers (2 x steps x 8 blocks x 256 tokens)
+    assert metrics["train_tokens"] == 2 * steps * 8 * 256
     losses = _losses(pt_model)
     assert losses[-1] < losses[0] - 1.0, losses  # from chance level (ln 4096 = 8.3) down by > 1 nat
     assert metrics["eval_loss"] < losses[0]
@@ -77,23 +76,27 @@ def test_pt_two_workers_loss_falls_and_checkpoint_loads(pt_model):
     AutoModelForCausalLM.from_pretrained(pt_model)
 
 
-@pytest.mark.parametrize("variant", ["full", "lora", "zero3"])
+@pytest.mark.parametrize("variant", ["full", "zero3"])
 def test_sft_variants_load_and_generate(variant, pt_model, tmp_path):
     out = tmp_path / variant
-    extra = {"full": [], "lora": ["finetuning_type=lora", "learning_rate=5e-3"], "zero3": [f"deepspeed={ROOT}/configs/deepspeed/zero3.json"]}
+    extra = {"full": [], "zero3": [f"deepspeed={ROOT}/configs/deepspeed/zero3.json"]}
     r = _ok(run_cli("sft", TINY_SFT, f"model_name_or_path={pt_model}", f"output_dir={out}", "max_steps=20",
                     *extra[variant]))
     assert "done" in r.stdout
     losses = _losses(out)
     assert losses[-1] < losses[0], losses
-    if variant == "lora":
-        assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
-        _load_and_generate(out, adapter=True)
-        merged = tmp_path / "merged"
-        _ok(run_cli("export", "--adapter", str(out), "--output", str(merged)))
-        _check_merge_equals_adapter(out, merged)
-    else:
-        _load_and_generate(out)
+    _load_and_generate(out)
+
+
+def test_sft_lora_on_the_pt_model_loads_and_export_merges_it(kit):
+    """The kit's sft stage (configs/tiny-sft.yaml, LoRA, on the pt model) and its export --adapter."""
+    out = kit.sft
+    losses = _losses(out)
+    assert losses[-1] < losses[0], losses
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(kit.pt)
+    _load_and_generate(out, adapter=True)
+    _check_merge_equals_adapter(out, kit.merged)
 
 
 def _check_merge_equals_adapter(adapter: Path, merged: Path):
@@ -195,8 +198,8 @@ def test_ctrl_c_stops_every_worker(tiny_model, tmp_path):
 
 
 def test_pt_corpus_smaller_than_one_block_is_one_line(tiny_model, tmp_path):
-    r = run_cli("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}",
-                "max_source_length=10000000", "val_size=0", "eval_steps=null", "force=true")
+    r = run_main("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={tmp_path / 'o'}",
+                 "max_source_length=10000000", "val_size=0", "eval_steps=null", "force=true")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]

@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         sys.stdout.flush()
         sys.stderr.flush()
-        log_file.write(traceback.format_exc().encode())  # the whole story goes to the log only
+        try:
+            log_file.write(traceback.format_exc().encode())  # the whole story goes to the log only
+        except OSError:
+            pass  # the log sits in output_dir: a full disk refuses it too, and the line below says why
         first = first_line(e)
         if full := disk_full(e, recipe_path.parent):
             fail(f"[rank {rank}] {full}")

@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two test workers on the machine's cores: one OpenMP thread each (and in the CLI processes they start),
+    # else four threads spin-wait against each other on 2 cores; set before anything imports torch
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # the workspace's shared folder beside the checkout (../shared), or beside the folder of worktrees
 SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parent.parent / "shared") if p.is_dir()), ROOT.parent / "shared")
 
@@ -64,48 +68,54 @@ class TrainedKit:
     `pt` (configs/tiny-pt.yaml, two gloo workers under torchrun, PT_STEPS steps), `sft` (a LoRA adapter
     on pt: configs/tiny-sft.yaml, SFT_STEPS steps, in this process), `merged` (export --adapter sft) and
     `int4` (quantize merged: GPTQ on the bundled corpus). Tests that only read a trained model share it;
-    none may write into it."""
+    none may write into it. Under pytest-xdist the workers share one kit: a stage is built under a file
+    lock by the first worker that asks and read by the others."""
 
     PT_STEPS, SFT_STEPS = 60, 20
 
     def __init__(self, base: Path, root: Path):
         self.base, self.root = base, root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _stage(self, name: str, build) -> Path:
+        from filelock import FileLock
+
+        out, done = self.root / name, self.root / f"{name}.done"
+        with FileLock(str(self.root / f"{name}.lock")):
+            if not done.is_file():
+                r = build(out)
+                assert r.returncode == 0, f"kit {name}: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+                done.touch()
+        return out
 
     @functools.cached_property
     def pt(self) -> Path:
-        out = self.root / "pt"
-        r = run_cli("pt", str(ROOT / "configs" / "tiny-pt.yaml"), f"model_name_or_path={self.base}", f"output_dir={out}",
-                    "nproc_per_node=2", f"max_steps={self.PT_STEPS}")  # fmt: skip
-        assert r.returncode == 0, f"kit pt: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return out
+        return self._stage("pt", lambda out: run_cli(
+            "pt", str(ROOT / "configs" / "tiny-pt.yaml"), f"model_name_or_path={self.base}", f"output_dir={out}",
+            "nproc_per_node=2", f"max_steps={self.PT_STEPS}"))
 
     @functools.cached_property
     def sft(self) -> Path:
-        out = self.root / "sft"
-        r = run_main("sft", str(ROOT / "configs" / "tiny-sft.yaml"), f"model_name_or_path={self.pt}", f"output_dir={out}",
-                     "finetuning_type=lora", "learning_rate=5e-3", f"max_steps={self.SFT_STEPS}")  # fmt: skip
-        assert r.returncode == 0, f"kit sft: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return out
+        return self._stage("sft", lambda out: run_main(
+            "sft", str(ROOT / "configs" / "tiny-sft.yaml"), f"model_name_or_path={self.pt}", f"output_dir={out}",
+            "finetuning_type=lora", "learning_rate=5e-3", f"max_steps={self.SFT_STEPS}"))
 
     @functools.cached_property
     def merged(self) -> Path:
-        out = self.root / "merged"
-        r = run_main("export", "--adapter", str(self.sft), "--output", str(out))
-        assert r.returncode == 0, f"kit export: exit {r.returncode}\n{r.stderr[-3000:]}"
-        return out
+        return self._stage("merged", lambda out: run_main("export", "--adapter", str(self.sft), "--output", str(out)))
 
     @functools.cached_property
     def int4(self) -> Path:
-        out = self.root / "int4"
-        r = run_main("quantize", "--model", str(self.merged), "--output", str(out), "--calib-seq-len", "256",
-                     "--calib-samples", "64")  # fmt: skip
-        assert r.returncode == 0, f"kit quantize: exit {r.returncode}\n{r.stderr[-3000:]}"
-        return out
+        return self._stage("int4", lambda out: run_main(
+            "quantize", "--model", str(self.merged), "--output", str(out), "--calib-seq-len", "256",
+            "--calib-samples", "64"))
 
 
 @pytest.fixture(scope="session")
 def kit(tiny_model, tmp_path_factory) -> TrainedKit:
-    return TrainedKit(tiny_model, tmp_path_factory.mktemp("kit"))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: beside every worker's own
+    return TrainedKit(tiny_model, shared / "kit")
 
 
 @pytest.fixture(scope="session")

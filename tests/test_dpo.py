@@ -137,7 +137,8 @@ def _log(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_dpo_lora_margin_grows_over_30_steps_and_exports(tiny_model, tmp_path):
     out = tmp_path / "dpo"
-    r = _ok(run_main("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", f"output_dir={out}"))
+    # a fresh process: which optional libraries the run loaded is a property of its process
+    r = _ok(run_cli("dpo", TINY_DPO, f"model_name_or_path={tiny_model}", f"output_dir={out}"))
     assert "done" in r.stdout
     logged = [h for h in _log(out) if "rewards/margins" in h]
     assert len(logged) == 6  # every 5 of 30 steps

@@ -219,6 +219,21 @@ def test_output_dir_of_another_run_is_refused_and_a_rerun_resumes(tmp_path, data
         checks.resume_decision(same)
 
 
+def test_another_node_starting_the_same_run_is_not_a_foreign_folder(tmp_path, data_dir, model_dir):
+    """Multi-node on shared storage: node 1 may have made output_dir, its rank log and recipe.yaml's
+    temporary file when node 0 looks; that is no user's folder. A file of the user's beside them is."""
+    r = recipe.load(_recipe(tmp_path, data_dir, model_dir))
+    out = Path(r.output_dir)
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "rank1.log").write_text("node 1 starting\n")
+    (out / ".recipe.yaml.tmp-4242").write_text("stage: pt\n")
+    (out / ".devops-model.lock").write_text("")
+    assert checks.resume_decision(r) is None
+    (out / "logs" / "notes.txt").write_text("mine")
+    with pytest.raises(DevopsError, match="not made by devops-model"):
+        checks.resume_decision(r)
+
+
 def test_dataset_sha1_mismatch_warns(tmp_path, data_dir, model_dir):
     _edit_data(data_dir, "qa", {"file_name": "qa.jsonl", "file_sha1": "0" * 40})
     warnings = checks.check(recipe.load(_recipe(tmp_path, data_dir, model_dir)))

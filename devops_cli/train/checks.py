@@ -14,7 +14,7 @@ from devops_cli.errors import DevopsError, DevopsErrors
 from devops_cli.reading import read_json
 from devops_cli.sources import hub_reachable, is_hub_id, is_qwen_v1, quantization
 from devops_cli.train.recipe import RESUMABLE_CHANGES, Recipe, is_resolved, read_resolved, schema
-from devops_cli.train.rundir import LOCK, last_checkpoint, own_checkpoints
+from devops_cli.train.rundir import last_checkpoint, own_checkpoints, unstarted
 from devops_cli.weights import check_model_dir
 
 LORA_MODULES = {
@@ -227,7 +227,7 @@ def resume_decision(r: Recipe) -> Path | None:
         raise DevopsError(f"output_dir '{out}' holds {', '.join(p.name for p in others[:3])}, not saved by devops-model; "
                           f"with save_total_limit the Trainer would delete it", where,
                           "move it out of output_dir, or drop save_total_limit")  # fmt: skip
-    if not out.is_dir() or not any(p.name != LOCK for p in out.iterdir()) or r.overwrite_output_dir:
+    if unstarted(out) or r.overwrite_output_dir:
         if r.resume_from_checkpoint not in (None, False, True):
             return _explicit_checkpoint(r)
         return None

@@ -47,6 +47,21 @@ def own_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
 LOCK = ".devops-model.lock"
 
 
+def unstarted(output_dir: Path) -> bool:
+    """output_dir holds nothing of a run yet: it is missing or empty but for what a starting devops-model
+    node writes before recipe.yaml is in place (the lock, logs/, recipe.yaml's temporary name). On shared
+    storage the nodes of one job start together, and node 0 may look while node 1 is writing."""
+    if not output_dir.is_dir():
+        return True
+
+    def a_nodes(p: Path) -> bool:
+        if p.name == "logs" and p.is_dir():
+            return all(q.name.startswith("rank") and q.name.endswith(".log") for q in p.iterdir())
+        return p.name == LOCK or p.name.startswith(".recipe.yaml.tmp-")
+
+    return all(a_nodes(p) for p in output_dir.iterdir())
+
+
 @contextmanager
 def hold(output_dir: Path):
     """output_dir belongs to one live run. The lock file names the holder (pid, host, start) and stays

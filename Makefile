@@ -9,11 +9,11 @@ EXTRAS := .[data,deepspeed,dev,docs,gguf,qlora,quantize,serve]
 # Both apply inside build isolation too (PIP_CONSTRAINT).
 LOCK   := $(CURDIR)/requirements.lock
 PIN    := $(if $(shell command -v nvidia-smi 2>/dev/null),,$(CURDIR)/constraints.txt)
-# --durations: CI's log shows the slowest tests (and every test's time is in the -vv/-rA output if asked).
-# One process: a fresh clone's make test passed (717 passed, 10 skipped) in 52:45 on 2 cores
-# (2026-12-04), against 56 min for two pytest-xdist workers, whose training jobs then share the cores (PYTEST="-q -n 2 --dist
-# loadfile" still runs it that way; docs/development/testing.md).
-PYTEST ?= -q --durations=30
+# Two pytest-xdist workers, a test file each at a time (--dist loadfile keeps a file's module fixtures in one
+# worker), one OpenMP thread each (tests/conftest.py); the trained kit is built once and shared under a file
+# lock. --durations: CI's log shows the slowest tests. PYTEST="-q" runs it in one process; figures in
+# docs/development/testing.md.
+PYTEST ?= -q -n 2 --dist loadfile --durations=30
 
 .PHONY: install test test-fast demo lint bench clean lock browser docs-corpus docs docs-site golang llama-cpp
 

@@ -50,6 +50,16 @@ def reply_for(prompt: str, mode: str) -> str:
     return "```json\n" + json.dumps({"answer": best}) + "\n```"
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A client that hung up mid-request (the command stops at a 401, or its own timeout) is no error of
+        the double's; anything else is printed as usual."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class TeacherDouble:
     def __init__(self, mode: str = "good", delay: float = 0.0, model: str = "teacher-7b"):
         self.mode, self.delay, self.model = mode, delay, model
@@ -65,11 +75,14 @@ class TeacherDouble:
                 pass
 
             def _send(self, code: int, body: bytes, ctype: str = "application/json"):
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up first (its own bound, or it stopped): nothing to tell it
 
             def do_GET(self):
                 if double.mode == "401":
@@ -100,7 +113,7 @@ class TeacherDouble:
                 with double._lock:
                     double.answered += 1
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -85,7 +85,8 @@ def test_two_workers_two_files_resume_after_kill_9_from_the_stream_position(tiny
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
     deadline = time.time() + 300
-    while not (out / "checkpoint-6" / "stream_state_rank1.json").is_file():
+    done = [out / "checkpoint-6" / name for name in ("stream_state_rank1.json", "trainer_state.json")]
+    while not all(p.is_file() for p in done):  # the Trainer writes trainer_state.json last: a complete checkpoint
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)  # the CLI itself: its workers die with it (no orphans)

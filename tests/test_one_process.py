@@ -74,8 +74,8 @@ def test_one_process_trains_in_the_cli_and_stops_on_a_signal(sig, code, tiny_mod
     assert "# python -m devops_cli.train.worker" in (out / "recipe.yaml").read_text()
     # the next run resumes from the checkpoint the stopped one left
     done = max(int(p.parent.name[11:]) for p in out.glob("checkpoint-*/trainer_state.json"))
-    r = _ok(run_cli("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={out}", "nproc_per_node=1",
-                    f"max_steps={done + 3}", "save_steps=10", "val_size=0", "eval_steps=null", "report_to=none"))
+    r = _ok(run_main("pt", TINY_PT, f"model_name_or_path={tiny_model}", f"output_dir={out}", "nproc_per_node=1",
+                     f"max_steps={done + 3}", "save_steps=10", "val_size=0", "eval_steps=null", "report_to=none"))
     assert f"resuming from {out / f'checkpoint-{done}'}" in r.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["global_step"] == done + 3 and m["world_size"] == 1

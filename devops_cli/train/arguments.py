@@ -25,6 +25,25 @@ def process_state(r: Recipe, gpu: bool):
     return PartialState(cpu=not gpu and not r.deepspeed, backend="nccl" if gpu else "gloo")
 
 
+def end_process_group() -> None:
+    """The process group goes, and with it accelerate's process-wide state, which remembers it. Called when
+    a worker is done: in the command's own process (launch.run_here), a second run would otherwise wrap
+    its model in DDP over the destroyed group and crash; in a torchrun worker, the group's threads are
+    stopped before the interpreter tears down (a worker once aborted there, after its run had finished)."""
+    import sys
+
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
 def training_arguments(r: Recipe, config_class=None, **more):
     """TrainingArguments (or `config_class`, a subclass such as TRL's DPOConfig, with `more` of its own
     fields) from the recipe: every value the recipe sets wins over the class's defaults."""

@@ -252,6 +252,7 @@ def run_here(launch: Launch, recipe_path: Path) -> int:
     turn them into KeyboardInterrupt); kill -9 leaves nothing behind (its forked children die with it)."""
     from devops_cli import lifeline
     from devops_cli.train import lean, worker
+    from devops_cli.train.arguments import end_process_group
 
     given = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", GROUP_RANK="0",
                  MASTER_ADDR=launch.master_addr, MASTER_PORT=str(launch.master_port))
@@ -261,7 +262,7 @@ def run_here(launch: Launch, recipe_path: Path) -> int:
     try:
         code = worker.main([str(recipe_path)])
     finally:  # the process (a Python caller's, a test's) goes on: its environment, port and imports as they were
-        _end_process_group()
+        end_process_group()
         lean.unhide(hidden)
         for k, v in before.items():
             if v is None:
@@ -269,23 +270,6 @@ def run_here(launch: Launch, recipe_path: Path) -> int:
             else:
                 os.environ[k] = v
     return lifeline.report() if code == 130 else code
-
-
-def _end_process_group() -> None:
-    """The process group goes, and with it accelerate's process-wide state, which remembers it: a second
-    run in the same process (a Python caller's, a notebook's) would otherwise wrap its model in DDP over
-    the destroyed group and crash."""
-    import sys
-
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    if "accelerate" in sys.modules:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
 
 
 def process_started() -> float:

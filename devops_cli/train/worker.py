@@ -160,4 +160,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    try:
+        from devops_cli.train.arguments import end_process_group
+
+        end_process_group()
+    except Exception:  # a peer already gone: the exit code below says what happened to this run
+        pass
+    sys.exit(code)

@@ -204,10 +204,11 @@ class ModelOptions:
     trust_remote_code: bool = opt(False, "run the model's own Python code")
 
 
-def flag(schema, name: str, shown: str | None = None, panel: str | None = None):
+def flag(schema, name: str, shown: str | None = None, panel: str | None = None, help: str | None = None):
     """The typer.Option of one field of an options dataclass: --field-name, the field's extra flags, its
-    help with its default as shown (`shown` replaces the field's own). A boolean defaulting to False is
-    a switch (--x), one defaulting to None or True is --x/--no-x."""
+    help with its default as shown (`shown` and `help` replace the field's own: a command that takes less
+    than the shared declaration says so). A boolean defaulting to False is a switch (--x), one defaulting
+    to None or True is --x/--no-x."""
     import typer
 
     f = next(f for f in dataclasses.fields(schema) if f.name == name)
@@ -216,15 +217,15 @@ def flag(schema, name: str, shown: str | None = None, panel: str | None = None):
         decl = f"{decl}/--no-{f.name.replace('_', '-')}"
     meta = f.metadata
     shown = shown or meta.get("shown") or (None if f.default in (None, False) else str(f.default))
-    text = meta.get("help", "") + (f" (default: {shown})" if shown else "")
+    text = (help or meta.get("help", "")) + (f" (default: {shown})" if shown else "")
     return typer.Option(decl, *meta.get("flags", ()), help=text, show_default=False, rich_help_panel=panel)
 
 
 def command(schema, body, doc: str, recipe_help: str, aliases: dict[str, str] | None = None,
-            shown: dict[str, str] | None = None):
+            shown: dict[str, str] | None = None, helps: dict[str, str] | None = None):
     """A Typer command: RECIPE plus one option per field of `schema` (flag()); it calls
-    body(schema(**values), where) with recipe values overridden by the flags given. `shown`: how a
-    field's default reads in this command's --help where it differs from the field's own."""
+    body(schema(**values), where) with recipe values overridden by the flags given. `shown` and `helps`:
+    a field's default and help as this command's --help gives them, where they differ from the field's."""
     import typer
 
     hints = typing.get_type_hints(schema)
@@ -239,7 +240,8 @@ def command(schema, body, doc: str, recipe_help: str, aliases: dict[str, str] | 
             switches.add(f.name)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=False if switch else None,
                                         annotation=Annotated[bool if switch else base | None,
-                                                             flag(schema, f.name, (shown or {}).get(f.name))]))
+                                                             flag(schema, f.name, (shown or {}).get(f.name),
+                                                                  help=(helps or {}).get(f.name))]))
 
     def run(**kwargs):
         recipe = kwargs.pop("recipe", None)

@@ -193,8 +193,13 @@ def disk_full(e: BaseException, place: Path, where: str | None = None) -> Devops
                        "free space, or choose an output on a disk with room")
 
 
+def temp_prefix(out: Path, kind: str) -> str:
+    """How the temporary names beside `out` begin (a process's own ends with its pid)."""
+    return f".{out.name}.{kind}-"
+
+
 def _temp_name(out: Path, kind: str) -> Path:
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}"
+    return out.parent / f"{temp_prefix(out, kind)}{os.getpid()}"
 
 
 @contextlib.contextmanager

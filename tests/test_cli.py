@@ -54,8 +54,11 @@ def test_the_model_options_are_one_declaration():
         for field in (f.name for f in dataclasses.fields(ModelOptions)):
             p = params[field]
             seen.setdefault(field, {})[name] = (tuple(p.opts), p.help)
+    own = {("eval", "model"), ("quantize", "dtype"), ("quantize", "device")}  # what a command says of itself
     for field, by_command in seen.items():
-        shared = {k: v for k, v in by_command.items() if not (k == "eval" and field == "model")}
+        assert len({flags for flags, _ in by_command.values()}) == 1, (field, by_command)
+        shared = {k: v for k, v in by_command.items() if (k, field) not in own}
         assert len(set(shared.values())) == 1, (field, by_command)
     assert seen["model"]["chat"][0] == ("--model", "-m") and "--trust-remote-code" in seen["trust_remote_code"]["serve"][0]
     assert "the newest finished run" in seen["model"]["eval"][1]
+    assert "float32" not in seen["dtype"]["quantize"][1] and "| mps" not in seen["device"]["quantize"][1]

@@ -49,4 +49,6 @@ quantize_command = command(
     QuantizeOptions, quantize,
     doc="GPTQ int4/int8 calibrated on your data, verified before saving: [bold]devops-model quantize -m MODEL -o DIR[/]",
     recipe_help="quantize recipe (YAML, keys = flag names); flags override it",
-    aliases={"model_name_or_path": "model", "output_dir": "output"})
+    aliases={"model_name_or_path": "model", "output_dir": "output"},
+    helps={"dtype": "auto | float16 | bfloat16, for the parts GPTQ leaves unquantized (auto = float16)",
+           "device": "auto | cpu | cuda[:N] (GPTQ has no mps kernels)"})

@@ -113,10 +113,11 @@ def sources(o: QuantizeOptions) -> tuple[str, Path | None]:
     adapter's base), or --model naming an adapter directory, onto its base."""
     from devops_cli.modeling import adapter_base
 
-    adapter = Path(o.adapter) if o.adapter else Path(o.model) if (Path(o.model) / "adapter_config.json").is_file() else None
-    if adapter is None:
-        return o.model, None
-    return (o.model if o.adapter and o.model else adapter_base(adapter)), adapter
+    if o.adapter:
+        return o.model or adapter_base(Path(o.adapter)), Path(o.adapter)
+    if (Path(o.model) / "adapter_config.json").is_file():
+        return adapter_base(Path(o.model)), Path(o.model)
+    return o.model, None
 
 
 def _check_architecture(src: Path, where: str) -> None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from devops_cli.errors import DevopsError
+from devops_cli.outputs import temp_prefix
 
 LAUNCHER_ENV = "DEVOPS_MODEL_LAUNCHER_PID"
 STARTED_ENV = "DEVOPS_MODEL_STARTED"  # when the devops-model command started (time.time()): run.Clock
@@ -53,13 +54,14 @@ def unstarted(output_dir: Path) -> bool:
     storage the nodes of one job start together, and node 0 may look while node 1 is writing."""
     if not output_dir.is_dir():
         return True
+    staged = temp_prefix(output_dir / "recipe.yaml", "tmp")  # write_file's temporary name for it
 
-    def a_nodes(p: Path) -> bool:
+    def starting_nodes(p: Path) -> bool:
         if p.name == "logs" and p.is_dir():
             return all(q.name.startswith("rank") and q.name.endswith(".log") for q in p.iterdir())
-        return p.name == LOCK or p.name.startswith(".recipe.yaml.tmp-")
+        return p.name == LOCK or p.name.startswith(staged)
 
-    return all(a_nodes(p) for p in output_dir.iterdir())
+    return all(starting_nodes(p) for p in output_dir.iterdir())
 
 
 @contextmanager

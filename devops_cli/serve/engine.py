@@ -155,6 +155,8 @@ class BatchingEngine:
     def _new_manager(self):
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
+        from devops_cli.serve import attention, warpers
+
         # the per-request processors exist only when the config has them at init: temperature != 1,
         # top_k and top_p < 1; greedy requests ask for top_k 1
         config = GenerationConfig(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, max_new_tokens=256,
@@ -164,6 +166,8 @@ class BatchingEngine:
             continuous_batching_config=ContinuousBatchingConfig(
                 per_request_processors=True, max_requests_per_batch=self.max_concurrent,
                 **cache_size(self.model, self.max_concurrent, self.cache_tokens)))
+        self.name = (f"continuous batching (transformers; {attention.install(self.model)}; "
+                     f"{warpers.install(manager, self.vocab, self.model.device)})")
         manager.start()
         return manager
 

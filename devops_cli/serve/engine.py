@@ -8,6 +8,8 @@
   that fails its check marks the engine failed (`on_failed`), and the server exits non-zero.
   A sampled request with a `seed` runs through the serial decode loop with its own generator (the
   batch samples every request from one generator, so a seed cannot hold there).
+  Inside the batch, attention runs per sequence (attention.py) and top-k/top-p skip the vocabulary
+  sorts (warpers.py), each checked against transformers' own path at run time.
 - `SerialEngine`: the chat decode loop (chat/decode.py), one request at a time in one thread; the
   fallback when continuous batching cannot serve the model, and the engine for requests that need a
   processor continuous batching lacks (repetition penalty).

@@ -46,7 +46,8 @@ def test_the_packed_calls_result(lengths):
     plain, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25, **kwargs)
     assert out.shape == plain.shape
     assert (out - plain).abs().max() < 1e-5
-    assert ours.checks == attention.CHECKS - 1 and not ours.plain_only
+    kind = "decode" if all(q == 1 for q, _ in lengths) else "prefill"
+    assert ours.checks[kind] == attention.CHECKS - 1 and not ours.plain_only
 
 
 def test_calls_that_are_not_batched_go_to_sdpa_untouched():
@@ -61,7 +62,7 @@ def test_calls_that_are_not_batched_go_to_sdpa_untouched():
     ours = attention.PerSequence(plain)
     ours(module, query, key, value, mask, scaling=0.25, **kwargs)  # one sequence: the same work packed
     ours(module, query, key, value, mask, scaling=0.25)  # a plain forward: no cu_seq_lens
-    assert len(calls) == 2 and ours.checks == attention.CHECKS
+    assert len(calls) == 2 and ours.checks == {"decode": attention.CHECKS, "prefill": attention.CHECKS}
 
 
 def test_a_wrong_result_is_caught_and_sdpa_serves_on(monkeypatch, capfd):
@@ -110,4 +111,5 @@ def test_the_engine_batches_through_it_and_agrees_with_each_alone(tiny_model):
     assert "attention per sequence" in name
     assert together == alone and all(len(t) == 12 for t in alone)
     used = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    assert isinstance(used, attention.PerSequence) and used.checks < attention.CHECKS and not used.plain_only
+    assert isinstance(used, attention.PerSequence) and not used.plain_only
+    assert used.checks["decode"] < attention.CHECKS and used.checks["prefill"] < attention.CHECKS  # both kinds seen

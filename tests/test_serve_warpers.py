@@ -133,3 +133,16 @@ def test_after_its_live_checks_it_trusts_itself(logits, monkeypatch):
     for _ in range(warpers.LIVE_CHECKS + 5):
         ours(logits, k)
     assert len(calls) == warpers.LIVE_CHECKS  # the plain sort ran only for the checks
+
+
+def test_a_no_op_spends_no_check(logits, monkeypatch):
+    """A batch that turns top-k off returns its input: nothing to compare, no sort."""
+    plain_k, _ = plain_pair()
+    ours = warpers.TopK(plain_k)
+    off = torch.full((logits.size(0),), logits.size(-1), dtype=torch.int32)
+    calls = []
+    original = ContinuousBatchingTopKLogitsWarper.__call__
+    monkeypatch.setattr(ContinuousBatchingTopKLogitsWarper, "__call__", lambda *a: calls.append(1) or original(*a))
+    for _ in range(5):
+        assert ours(logits, off) is logits
+    assert calls == [] and ours.checks == warpers.LIVE_CHECKS

@@ -12,8 +12,8 @@ Only for calls transformers' batching makes (they carry `cu_seq_lens_q/k` and th
 On CPU only: on a GPU continuous batching takes flash attention when it is installed, and a Python loop
 of per-sequence kernels would be bound by kernel launches at large batches (not measured here).
 
-It checks itself (guard's rule): its first CHECKS multi-sequence calls are also computed the plain way
-and compared within guard.tolerance; a difference or an error hands every later call to transformers'
+It checks itself (guard's rule): its first CHECKS multi-sequence calls of each kind (decode steps;
+steps with a prompt) are also computed the plain way and compared within guard.tolerance; a difference or an error hands every later call to transformers'
 sdpa, with one warning.
 """
 
@@ -22,12 +22,13 @@ from __future__ import annotations
 import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-CHECKS = 16  # multi-sequence calls (a layer each) compared with the plain path before it trusts itself
+CHECKS = 16  # multi-sequence calls (a layer each) of each kind compared with the plain path before it trusts itself
 
 
 class PerSequence:
     def __init__(self, plain):
-        self.plain, self.checks, self.plain_only, self.layers = plain, CHECKS, False, 0
+        self.plain, self.plain_only, self.layers = plain, False, 0
+        self.checks = {"decode": CHECKS, "prefill": CHECKS}  # each kind of step is checked on its own
 
     def __call__(self, module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
         blocks = None if self.plain_only else _blocks(module, query, attention_mask, dropout, kwargs)
@@ -38,11 +39,12 @@ class PerSequence:
         except Exception as e:  # noqa: BLE001 - said, and the plain path takes over
             self._give_up(f"it raised {type(e).__name__}: {e}")
             ours = None
-        if ours is None or self.checks > 0:
+        kind = "decode" if all(qe - qs == 1 for qs, qe, _, _ in blocks) else "prefill"
+        if ours is None or self.checks[kind] > 0:
             plain = self.plain(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
             if ours is None:
                 return plain
-            self.checks -= 1
+            self.checks[kind] -= 1
             if why := differs(ours, plain[0], self.layers):
                 self._give_up(why)
                 return plain
@@ -60,7 +62,8 @@ def _blocks(module, query, attention_mask, dropout, kwargs) -> list[tuple[int, i
     """(q start, q end, k start, k end) of each sequence of a batched call, or None: not ours to take."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if (cu_q is None or cu_k is None or "read_index" not in kwargs or attention_mask is None or dropout
-            or query.device.type != "cpu" or query.shape[0] != 1 or module.training):
+            or query.device.type != "cpu" or query.shape[0] != 1 or module.training
+            or any(kwargs.get(name) is not None for name in ("softcap", "position_bias", "s_aux"))):
         return None
     if isinstance(cu_k, dict):  # one per layer type when a model mixes them
         cu_k = cu_k.get(getattr(module, "layer_type", None))

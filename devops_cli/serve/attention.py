@@ -4,8 +4,8 @@ Without a flash kernel, transformers' continuous batching packs every sequence o
 and runs one sdpa over all their keys with a block-diagonal mask: each sequence's queries are scored
 against every other sequence's keys and masked away, so a step's attention grows with the square of the
 batch. This runs sdpa per sequence on its own block (the same queries, keys, values and mask block):
-on the tiny model with 467-token prompts, 8 requests went from 850-950 to 1,140-1,170 tokens/s
-(`bench/data_qa.py`: 2.25x -> 3.1x over one at a time, docs/data-qa.md).
+on the tiny model with 467-token prompts, 8 requests went from 850-950 to 1,125-1,160 tokens/s in-process
+(`bench/data_qa.py --max-tokens 256`: 2.25x -> 3.20x over one at a time, docs/data-qa.md).
 
 Only for calls transformers' batching makes (they carry `cu_seq_lens_q/k` and the paged cache's
 `read_index`) with a mask and more than one sequence; every other call is transformers' sdpa untouched.
@@ -13,8 +13,8 @@ On CPU only: on a GPU continuous batching takes flash attention when it is insta
 of per-sequence kernels would be bound by kernel launches at large batches (not measured here).
 
 It checks itself (guard's rule): its first CHECKS multi-sequence calls of each kind (decode steps;
-steps with a prompt) are also computed the plain way and compared within guard.tolerance; a difference or an error hands every later call to transformers'
-sdpa, with one warning.
+steps with a prompt) are also computed the plain way and compared within guard.tolerance; a difference
+or an error hands every later call to transformers' sdpa, with one warning.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def install(model) -> str:
     from devops_cli import guard
 
     if model.device.type != "cpu" or model.config._attn_implementation != "sdpa":
-        return "packed attention"
+        return "transformers' attention"
     current = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if not isinstance(current, PerSequence):
         current = PerSequence(current)

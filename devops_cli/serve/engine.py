@@ -135,8 +135,7 @@ class BatchingEngine:
     """transformers' continuous batching manager, sampling settings per request, restarted when its
     generation loop dies."""
 
-    name = "continuous batching (transformers)"
-    why = ""
+    why = ""  # its name (the paths it runs) is set with each manager
 
     def __init__(self, model, stop_ids: list[int], max_concurrent: int, cache_tokens: int | None = None):
         self.model, self.stop_ids = model, list(stop_ids)

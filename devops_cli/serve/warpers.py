@@ -14,7 +14,7 @@ tiny model at 8 requests that was 28 % of the generation thread. These do the sa
 
 Installed only where transformers runs the step eagerly (no CUDA graph, no torch.compile: a branch on the
 batch's settings cannot be captured). Each warper checks itself against transformers' on synthetic
-scores when installed and on its first live batches (guard's rule); a disagreement puts transformers'
+scores when installed and on its first live batches where it cut (guard's rule); a disagreement puts transformers'
 warper back for the rest of the run, with one warning.
 """
 
